@@ -1,0 +1,116 @@
+"""Helpers shared by the recalibration modules: argument checks and s x s cell pooling.
+
+Cell pooling splits an (H, W) map into a grid of ceil(H/s) x ceil(W/s) non-overlapping
+s x s cells. Edge cells of a size that is not a multiple of s are smaller, and their
+average is taken over the pixels they actually cover.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from mssar_jax.errors import ConfigError
+
+
+def reduced_channels(channels: int, reduction: float, min_channels: int) -> int:
+  """Bottleneck width C/r, floored at ``min_channels`` so 12- and 16-channel layers work."""
+  return max(int(min_channels), int(channels // reduction))
+
+
+def check_reduction(reduction, min_channels, owner: str) -> None:
+  if not isinstance(reduction, (int, float)) or isinstance(reduction, bool) or reduction <= 0:
+    raise ConfigError(f"{owner}: reduction must be a positive number (got {reduction!r}); "
+                      "use e.g. reduction=16.")
+  if not isinstance(min_channels, int) or min_channels < 1:
+    raise ConfigError(f"{owner}: min_channels must be a positive integer (got {min_channels!r}); "
+                      "use e.g. min_channels=4.")
+
+
+def check_input(x, owner: str) -> int:
+  """Checks x is (N, H, W, C) with C > 0 and returns C."""
+  if x.ndim != 4:
+    raise ConfigError(f"{owner}: expects NHWC input of rank 4, got shape {tuple(x.shape)}; "
+                      "pass images as (batch, height, width, channels).")
+  channels = x.shape[-1]
+  if channels == 0:
+    raise ConfigError(f"{owner}: input has 0 channels (shape {tuple(x.shape)}); "
+                      "recalibration needs at least one channel.")
+  return channels
+
+
+def check_scales(scales: Sequence[int], owner: str) -> tuple[int, ...]:
+  try:
+    scales = tuple(scales)
+  except TypeError:
+    raise ConfigError(f"{owner}: scales must be a sequence of positive integers "
+                      f"(got {scales!r}); use e.g. scales=(2, 4, 8).") from None
+  for s in scales:
+    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+      raise ConfigError(f"{owner}: every scale must be a positive integer (got {scales!r}); "
+                        "use e.g. scales=(2, 4, 8).")
+  if len(set(scales)) != len(scales):
+    raise ConfigError(f"{owner}: scales must be distinct (got {scales!r}); drop the repeats.")
+  return tuple(int(s) for s in scales)
+
+
+def grid_size(size: int, s: int) -> int:
+  return -(-size // s)
+
+
+def cell_counts(height: int, width: int, s: int) -> np.ndarray:
+  """Pixels covered by each cell of the s x s grid, shape (ceil(H/s), ceil(W/s)), float32."""
+  def along(size):
+    n = grid_size(size, s)
+    counts = np.full((n,), s, dtype=np.float32)
+    counts[-1] = size - s * (n - 1)
+    return counts
+  return np.outer(along(height), along(width)).astype(np.float32)
+
+
+def cell_sum(x, s: int):
+  """Sum of x (N, H, W, C) over each s x s cell: (N, ceil(H/s), ceil(W/s), C)."""
+  if s == 1:
+    return x
+  n, h, w, c = x.shape
+  gh, gw = grid_size(h, s), grid_size(w, s)
+  if gh * s != h or gw * s != w:
+    x = jnp.pad(x, ((0, 0), (0, gh * s - h), (0, gw * s - w), (0, 0)))
+  return x.reshape(n, gh, s, gw, s, c).sum(axis=(2, 4))
+
+
+def cell_mean(x, s: int):
+  """Average of x over each s x s cell (edge cells average the pixels they cover)."""
+  if s == 1:
+    return x
+  counts = cell_counts(x.shape[1], x.shape[2], s)
+  return cell_sum(x, s) / jnp.asarray(counts, x.dtype)[None, :, :, None]
+
+
+def upsample(g, s: int, height: int, width: int):
+  """Nearest upsampling: copies each cell of g (N, gh, gw, C) to its s x s pixels, cropped to (H, W)."""
+  if s == 1:
+    return g[:, :height, :width]
+  n, gh, gw, c = g.shape
+  g = jnp.broadcast_to(g[:, :, None, :, None, :], (n, gh, s, gw, s, c))
+  return g.reshape(n, gh * s, gw * s, c)[:, :height, :width]
+
+
+def multiply_by_cells(x, score, s: int):
+  """x * Up_s(score) without materialising the upsampled score when H, W are multiples of s."""
+  n, h, w, c = x.shape
+  if s == 1:
+    return x * score
+  if h % s == 0 and w % s == 0:
+    gh, gw = h // s, w // s
+    out = x.reshape(n, gh, s, gw, s, c) * score[:, :, None, :, None, :]
+    return out.reshape(n, h, w, c)
+  return x * upsample(score, s, h, w)
+
+
+def common_base(scales: Sequence[int]) -> int:
+  """The base cell size b = gcd(scales): every scale's cells are unions of b x b cells."""
+  return math.gcd(*scales) if scales else 1
