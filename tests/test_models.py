@@ -145,9 +145,9 @@ def _unstack(params):
 
 def test_scanned_blocks_equal_unrolled_blocks():
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-  scanned = get_model("cifar_resnet20", num_classes=10, recalibration="ms_sar")
-  unrolled = get_model("cifar_resnet20", num_classes=10, recalibration="ms_sar",
-                       scan_blocks=False)
+  scanned = get_model("cifar_resnet20", num_classes=10, recalibration="ms_sar",
+                      scan_blocks=True)
+  unrolled = get_model("cifar_resnet20", num_classes=10, recalibration="ms_sar")
   variables = scanned.init(jax.random.key(0), images)
   as_unrolled = jax.tree.map(lambda x: x, {k: _unstack(v) for k, v in variables.items()})
   reference = unrolled.init(jax.random.key(0), images)

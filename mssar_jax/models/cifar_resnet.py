@@ -63,7 +63,7 @@ class CifarResNet(nn.Module):
   width: int = 16
   recalibration: ModuleDef | None = None
   zero_init_residual: bool = False
-  scan_blocks: bool = True
+  scan_blocks: bool = False
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -115,7 +115,7 @@ class CifarPreActResNet(nn.Module):
   depth: int = 164
   width: int = 16
   recalibration: ModuleDef | None = None
-  scan_blocks: bool = True
+  scan_blocks: bool = False
   dtype: Any = jnp.float32
 
   def __post_init__(self):

@@ -65,11 +65,12 @@ class _ScanBody(nn.Module):
     return self.block(name="block")(carry), None
 
 
-def repeat_block(block: ModuleDef, count: int, x, name: str, scan: bool = True):
-  """Applies ``count`` identical blocks to x, as one nn.scan (default) or unrolled.
+def repeat_block(block: ModuleDef, count: int, x, name: str, scan: bool = False):
+  """Applies ``count`` identical blocks to x, unrolled (default) or as one nn.scan.
 
-  Scanning compiles the block body once instead of ``count`` times; parameters of the
-  scanned blocks are stacked along a leading axis of size ``count``.
+  Scanning compiles the block body once instead of ``count`` times (parameters of the
+  scanned blocks are stacked along a leading axis of size ``count``), but on XLA:CPU the
+  scanned train step runs many times slower, so networks unroll unless asked to scan.
   """
   if count <= 0:
     return x

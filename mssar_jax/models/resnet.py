@@ -51,7 +51,7 @@ class ResNet(nn.Module):
   width: int = 64
   recalibration: ModuleDef | None = None
   zero_init_residual: bool = False
-  scan_blocks: bool = True
+  scan_blocks: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
