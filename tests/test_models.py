@@ -98,15 +98,20 @@ def _train_step(model, variables, images, labels):
   return jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
 
 
+def _train_and_eval(model, variables, images, labels):
+  return _train_step(model, variables, images, labels), model.apply(variables, images)
+
+
 # ImageNet networks run at 128x128 here (7x7 stages become 4x4) to keep CPU tests fast.
+# Eager init: a jitted init compiles one RNG kernel per parameter (minutes for deep nets).
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_forward_and_backward(name):
   size = 32 if input_size(name) == 32 else 128
   model = get_model(name, num_classes=7, recalibration="ms_sar")
   images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
   labels = jnp.array([0, 3])
-  variables = jax.jit(model.init)(jax.random.key(0), images)
-  (loss, (logits, updates)), grads = jax.jit(_train_step, static_argnums=0)(
+  variables = model.init(jax.random.key(0), images[:1])
+  ((loss, (logits, updates)), grads), eval_logits = jax.jit(_train_and_eval, static_argnums=0)(
       model, variables, images, labels)
   assert logits.shape == (2, 7) and logits.dtype == jnp.float32
   assert bool(jnp.isfinite(loss))
@@ -117,8 +122,7 @@ def test_forward_and_backward(name):
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), updates["batch_stats"],
                        variables["batch_stats"])
   assert max(jax.tree.leaves(moved)) > 0
-  eval_logits = jax.jit(model.apply)(variables, images)
-  assert eval_logits.shape == (2, 7)
+  assert eval_logits.shape == (2, 7) and bool(jnp.isfinite(eval_logits).all())
 
 
 @pytest.mark.parametrize("recalibration", ["none", "se"])

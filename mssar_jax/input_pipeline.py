@@ -1,0 +1,261 @@
+"""TFDS + tf.data input for CIFAR-10/100 and ImageNet, split per process, seeded, resumable.
+
+Preprocessing (x in [0, 255], per-channel mean m and std s of the training set):
+  CIFAR train:     zero-pad 4 -> random 32x32 crop -> random horizontal flip -> (x - m) / s
+  CIFAR eval:      (x - m) / s
+  ImageNet train:  fused JPEG decode of a random-resized crop (area 8%-100%, aspect 3/4-4/3,
+                   Szegedy et al. 2015) -> resize to S x S -> random flip -> (x - m) / s
+  ImageNet eval:   resize the shorter side to S / 0.875 (256 for S = 224) -> centre S x S crop
+(images not of size S = config.image_size are resized to it).
+
+Multi-host: process p of P reads ``tfds.even_splits(split, P)[p]``; the train split drops the
+remainder so every process has the same number of steps per epoch.
+
+Data order (exact resume). A process's train stream is a concatenation of epochs; an epoch is
+the first ``steps_per_epoch * local_batch`` examples of the process split shuffled with the
+seed ``e_seed = hash(config.seed, epoch)`` (files too, when ``shuffle_files``), and example
+i of the epoch is augmented with the stateless seed (e_seed, i). Batch b of epoch e is thus a
+pure function of (seed, e, b); training step t reads batch t mod steps_per_epoch of epoch
+t div steps_per_epoch. A run resumed at step t rebuilds epoch e and skips its first
+b * local_batch shuffled (not yet decoded) examples, so it sees exactly the batches an
+uninterrupted run would have seen.
+
+Eval. Each process pads its split with masked zero images to ``eval_steps * local_batch``
+examples, where eval_steps is the same on every process (its largest split decides); metrics
+are sum(x * mask) / sum(mask), so every example counts exactly once for any batch size and
+device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mssar_jax import config_lib
+from mssar_jax.errors import ConfigError
+
+_STATS = {  # per-channel mean and std of the training images, 0-255 scale
+    "cifar10": ((125.31, 122.95, 113.87), (62.99, 62.09, 66.70)),
+    "cifar100": ((129.30, 124.07, 112.43), (68.17, 65.39, 70.42)),
+    "imagenet2012": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+}
+_IMAGENET_HELP = (
+    "ImageNet cannot be downloaded automatically: put ILSVRC2012_img_train.tar and "
+    "ILSVRC2012_img_val.tar in <data_dir>/downloads/manual/ and run "
+    "`tfds build imagenet2012 --data_dir <data_dir>` once, then pass --config.data_dir or set "
+    "TFDS_DATA_DIR.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """Sizes of this process's share of the data."""
+  num_classes: int
+  image_size: int
+  train_examples: int     # this process's train examples (all processes equal)
+  steps_per_epoch: int
+  eval_examples: int      # all eval examples over all processes
+  eval_steps: int         # eval batches per process (equal on all processes)
+
+
+def _is_imagenet(config) -> bool:
+  return config.dataset.startswith("imagenet")
+
+
+def get_builder(config):
+  """The TFDS builder, or a ConfigError saying how to make the data available."""
+  data_dir = config_lib.data_dir(config)
+  where = data_dir or "TFDS's default data_dir (~/tensorflow_datasets)"
+  try:
+    builder = tfds.builder(config.dataset, data_dir=data_dir)
+    builder.as_dataset(split=config.train_split)  # only builds the graph; fails if absent
+  except (AssertionError, tfds.core.DatasetNotFoundError, FileNotFoundError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    fix = (_IMAGENET_HELP if _is_imagenet(config) else
+           f"prepare it once with `tfds build {config.dataset} --data_dir <dir>` on a machine "
+           "with internet, then pass --config.data_dir=<dir> or set TFDS_DATA_DIR.")
+    raise ConfigError(f"dataset {config.dataset!r} not found in {where} ({first}); {fix}") from e
+  return builder
+
+
+def _num_examples(builder, split) -> int:
+  """Split size from the dataset info, or by counting (mock data has no split info)."""
+  try:
+    n = builder.info.splits[split].num_examples
+    if n:
+      return int(n)
+  except (KeyError, ValueError, TypeError):
+    pass
+  ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  return int(ds.reduce(np.int64(0), lambda n, _: n + 1).numpy())
+
+
+def _train_split(config, process_index, process_count):
+  return tfds.even_splits(config.train_split, n=process_count, drop_remainder=True)[process_index]
+
+
+def _eval_splits(config, process_count):
+  return tfds.even_splits(config.eval_split, n=process_count, drop_remainder=False)
+
+
+def image_size(config) -> int:
+  from mssar_jax import models  # pylint: disable=import-outside-toplevel
+  return int(config.image_size or models.input_size(config.model))
+
+
+def get_info(config, builder, *, local_batch: int, local_eval_batch: int,
+             process_index: int, process_count: int) -> DataInfo:
+  """Sizes of the data seen by this process; ConfigError if a batch exceeds the data."""
+  train = _num_examples(builder, _train_split(config, process_index, process_count))
+  steps_per_epoch = train // local_batch
+  if steps_per_epoch < 1:
+    raise ConfigError(f"the per-process batch ({local_batch}) exceeds the {train} training "
+                      f"examples of this process; lower config.batch_size.")
+  eval_sizes = [_num_examples(builder, s) for s in _eval_splits(config, process_count)]
+  if process_count == 1:
+    eval_sizes = eval_sizes[:1]
+  return DataInfo(
+      num_classes=int(builder.info.features["label"].num_classes),
+      image_size=image_size(config),
+      train_examples=train,
+      steps_per_epoch=steps_per_epoch,
+      eval_examples=sum(eval_sizes),
+      eval_steps=math.ceil(max(eval_sizes) / local_eval_batch))
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing.
+
+def _normalise(image, dataset):
+  mean, std = _STATS[dataset]
+  return (tf.cast(image, tf.float32) - tf.constant(mean)) / tf.constant(std)
+
+
+def _resize(image, size):
+  if image.shape[0] == size and image.shape[1] == size:
+    return image
+  return tf.image.resize(image, [size, size], method="bilinear")
+
+
+def _cifar_train(example, seed, config, size):
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  image = tf.pad(example["image"], [[4, 4], [4, 4], [0, 0]])
+  image = tf.image.stateless_random_crop(image, [32, 32, 3], seed=crop_seed)
+  image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  return _resize(_normalise(image, config.dataset), size)
+
+
+def _cifar_eval(example, config, size):
+  return _resize(_normalise(example["image"], config.dataset), size)
+
+
+def _imagenet_train(example, seed, config, size):
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  data = example["image"]
+  begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.io.extract_jpeg_shape(data), tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+      seed=crop_seed, min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
+      area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+  window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
+  image = tf.io.decode_and_crop_jpeg(data, window, channels=3)
+  image = tf.image.resize(image, [size, size], method="bilinear")
+  image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  return _normalise(image, config.dataset)
+
+
+def _imagenet_eval(example, config, size):
+  image = tf.io.decode_jpeg(example["image"], channels=3)
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = (size / 0.875) / tf.reduce_min(shape)
+  resized = tf.cast(tf.round(shape * scale), tf.int32)
+  image = tf.image.resize(image, resized, method="bilinear")
+  top = (resized[0] - size) // 2
+  left = (resized[1] - size) // 2
+  image = image[top:top + size, left:left + size]
+  image = tf.ensure_shape(image, [size, size, 3])
+  return _normalise(image, config.dataset)
+
+
+def _decoders(config):
+  return {"image": tfds.decode.SkipDecoding()} if _is_imagenet(config) else None
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """A 62-bit seed for (seed, epoch); different epochs get unrelated shuffles."""
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint32).view(np.uint64)[0]
+             >> np.uint64(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets.
+
+class TrainData:
+  """This process's infinite, resumable train stream of numpy batches."""
+
+  def __init__(self, config, builder, info: DataInfo, *, local_batch: int,
+               process_index: int, process_count: int):
+    self._config = config
+    self._builder = builder
+    self._info = info
+    self._local_batch = local_batch
+    self._split = _train_split(config, process_index, process_count)
+    self._cached = None
+    if config.cache and not config.shuffle_files:
+      self._cached = builder.as_dataset(split=self._split, shuffle_files=False).cache()
+
+  def _source(self, seed):
+    if self._cached is not None:
+      return self._cached
+    read = tfds.ReadConfig(shuffle_seed=seed)
+    return self._builder.as_dataset(split=self._split, shuffle_files=self._config.shuffle_files,
+                                    read_config=read, decoders=_decoders(self._config))
+
+  def epoch(self, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
+    """Batches ``skip_batches`` .. steps_per_epoch - 1 of ``epoch`` (module docstring)."""
+    config, size, batch = self._config, self._info.image_size, self._local_batch
+    seed = epoch_seed(config.seed, epoch)
+    augment = _imagenet_train if _is_imagenet(config) else _cifar_train
+
+    def prepare(index, example):
+      image = augment(example, tf.stack([tf.constant(seed, tf.int64), index]), config, size)
+      return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+
+    ds = self._source(seed).shuffle(config.shuffle_buffer, seed=seed,
+                                    reshuffle_each_iteration=False)
+    ds = ds.take(self._info.steps_per_epoch * batch).enumerate().skip(skip_batches * batch)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch, drop_remainder=True).prefetch(config.prefetch)
+
+  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Batches for steps start_step, start_step + 1, ... (forever)."""
+    epoch, skip = divmod(start_step, self._info.steps_per_epoch)
+    while True:
+      yield from self.epoch(epoch, skip).as_numpy_iterator()
+      epoch, skip = epoch + 1, 0
+
+
+def eval_dataset(config, builder, info: DataInfo, *, local_batch: int, process_index: int,
+                 process_count: int) -> tf.data.Dataset:
+  """This process's padded eval batches {'image', 'label', 'mask'} (``info.eval_steps``)."""
+  size = info.image_size
+  preprocess = _imagenet_eval if _is_imagenet(config) else _cifar_eval
+
+  def prepare(example):
+    return {"image": preprocess(example, config, size),
+            "label": tf.cast(example["label"], tf.int32), "mask": tf.constant(True)}
+
+  split = _eval_splits(config, process_count)[process_index]
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_decoders(config))
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros([size, size, 3], tf.float32), "label": tf.constant(0, tf.int32),
+      "mask": tf.constant(False)}).repeat()
+  ds = ds.concatenate(padding).take(info.eval_steps * local_batch)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  if config.cache:
+    ds = ds.cache()
+  return ds.prefetch(config.prefetch)

@@ -1,0 +1,64 @@
+"""Run outputs in the workdir: ``metrics.jsonl``, TensorBoard events, ``config.json``.
+
+``metrics.jsonl`` holds one JSON object per logged step, ``{"step": s, "<name>": value, ...}``
+(train metrics averaged over the steps since the previous line, eval metrics over the whole
+eval set). Only deterministic quantities go there; timings (img/s) go to TensorBoard and the
+console. Only process 0 writes; the other processes' writers do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def _plain(value):
+  value = np.asarray(value).item() if not isinstance(value, (int, float, str)) else value
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+class MetricsWriter:
+  """Appends to ``metrics.jsonl`` and writes TensorBoard scalars (process 0 only)."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self._enabled = enabled
+    self._tb = None
+    if not enabled:
+      return
+    from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, Any], extra: Mapping[str, Any] = ()):
+    """One JSON line for ``metrics``; ``metrics`` and ``extra`` (e.g. timings) to TensorBoard."""
+    if not self._enabled:
+      return
+    record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    for name, value in {**metrics, **dict(extra)}.items():
+      self._tb.scalar(name, float(np.asarray(value)), int(step))
+    self._tb.flush()
+
+  def close(self):
+    if self._enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def write_config(workdir: str, config) -> None:
+  """Saves the resolved config as ``config.json`` (overwritten on resume)."""
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The records of ``metrics.jsonl`` (for tests and notebooks)."""
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]

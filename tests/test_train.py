@@ -1,0 +1,170 @@
+"""End-to-end ``train_and_evaluate`` on mock TFDS data with tiny models on 8 CPU devices."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import imagenet
+from mssar_jax import checkpointing, input_pipeline, metrics_writer, train
+from mssar_jax.errors import ConfigError
+
+N = 50  # mock examples per split; batch 16 -> 3 steps per epoch, eval batch 24 -> 2 pads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+  """Tiny models: XLA compile time dominates, so skip most optimisations (same semantics)."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def test_cifar_run_writes_all_outputs(tmp_path, mock_tfds, tiny_cifar_config, capsys):
+  assert jax.device_count() == 8
+  workdir = str(tmp_path / "run")
+  config = tiny_cifar_config()
+  with mock_tfds(N):
+    result = train.train_and_evaluate(config, workdir)
+  assert result["step"] == 6 and result["eval/num_examples"] == N
+  assert 0.0 <= result["eval/accuracy"] <= 1.0 and np.isfinite(result["eval/loss"])
+  records = metrics_writer.read_metrics(workdir)
+  assert [r["step"] for r in records] == [2, 3, 4, 6]           # one object per logged step
+  assert set(records[0]) == {"step", "train/loss", "train/accuracy", "train/learning_rate"}
+  assert {"eval/accuracy", "eval/loss", "train/loss"} <= set(records[-1])
+  assert records[-1]["eval/accuracy"] == result["eval/accuracy"]
+  assert json.load(open(os.path.join(workdir, "config.json")))["model"] == "cifar_resnet20"
+  assert any(f.startswith("events.out.tfevents")
+             for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]  # keep 2
+  out = capsys.readouterr().out
+  assert "img/s" in out and "ETA" in out and "] 6/6 (100%)" in out
+  assert "done: step 6/6" in out and "eval/accuracy" in out
+
+  # Re-running the finished command resumes at the end and only re-evaluates.
+  with mock_tfds(N):
+    again = train.train_and_evaluate(config, workdir)
+  assert again["eval/accuracy"] == result["eval/accuracy"]
+  assert "resuming at step 6" in capsys.readouterr().out
+
+  # A different model in the same workdir is refused with a clear message.
+  other = tiny_cifar_config(recalibration="se", recalibration_kwargs={})
+  with mock_tfds(N), pytest.raises(ConfigError, match="different run.*recalibration"):
+    train.train_and_evaluate(other, workdir)
+
+
+def test_imagenet_run_reports_top5(tmp_path, mock_tfds):
+  config = imagenet.get_config("resnet50,ms_sar,local")
+  config.model_kwargs.stage_sizes = (1, 1, 1, 1)
+  config.model_kwargs.width = 4
+  config.recalibration_kwargs.scales = (2,)
+  config.image_size = 64            # last stage 2x2
+  config.batch_size = 8
+  config.eval_batch_size = 16
+  config.num_train_steps = 3
+  config.checkpoint_every_steps = 0
+  config.shuffle_buffer = 16
+  with mock_tfds(20):
+    result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["eval/num_examples"] == 20
+  assert result["eval/accuracy"] <= result["eval/top5_accuracy"] <= 1.0
+  assert "eval/top5_accuracy" in metrics_writer.read_metrics(str(tmp_path))[-1]
+
+
+def _final_state(config, workdir, step):
+  """The train state saved at ``step`` in ``workdir`` (restored on the mesh)."""
+  model = train.create_model(config, 10)
+  tx = train.optim.make_optimizer(config, lambda _: 0.0)
+  init = functools.partial(train.init_state, model=model, tx=tx, image_size=32)
+  mesh = train.make_mesh()
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                          jax.eval_shape(init, jax.random.key(0)))
+  ckpt = checkpointing.Checkpointer(workdir, keep=10)
+  try:
+    return ckpt.restore(step, abstract, train._meta(config, _info(config)))
+  finally:
+    ckpt.close()
+
+
+def _info(config):
+  builder = input_pipeline.get_builder(config)
+  return input_pipeline.get_info(config, builder, local_batch=config.batch_size,
+                                 local_eval_batch=config.eval_batch_size, process_index=0,
+                                 process_count=1)
+
+
+def test_interrupted_run_resumes_to_identical_result(tmp_path, mock_tfds, tiny_cifar_config,
+                                                     monkeypatch):
+  """8 steps straight == crash after step 5 (last checkpoint 4, mid-epoch) + same command."""
+  config = tiny_cifar_config(num_train_steps=8, eval_every_steps=0, keep_checkpoints=5)
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  with mock_tfds(N):
+    expected = train.train_and_evaluate(config, straight)
+
+    original = input_pipeline.TrainData.iterate
+
+    def crashing(self, start_step=0):
+      for i, batch in enumerate(original(self, start_step)):
+        if start_step + i == 5:           # the 6th batch: steps 1-5 ran, checkpoint at 4
+          raise KeyboardInterrupt("simulated crash")
+        yield batch
+
+    monkeypatch.setattr(input_pipeline.TrainData, "iterate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, resumed)
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["2", "4"]
+    monkeypatch.setattr(input_pipeline.TrainData, "iterate", original)
+    got = train.train_and_evaluate(config, resumed)
+
+    assert got == expected
+    assert metrics_writer.read_metrics(resumed) == metrics_writer.read_metrics(straight)
+    a, b = _final_state(config, straight, 8), _final_state(config, resumed, 8)
+  assert int(a.step) == int(b.step) == 8
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("eval_batch", [8, 24, 56])
+def test_eval_counts_every_example_once(mock_tfds, tiny_cifar_config, eval_batch):
+  """Padded + masked eval == one unpadded pass over all examples, for any batch size."""
+  config = tiny_cifar_config(eval_batch_size=eval_batch)
+  with mock_tfds(N):
+    builder = input_pipeline.get_builder(config)
+    info = _info(config)
+    data = input_pipeline.eval_dataset(config, builder, info, local_batch=eval_batch,
+                                       process_index=0, process_count=1)
+    model = train.create_model(config, 10)
+    tx = train.optim.make_optimizer(config, lambda _: 0.0)
+    state = train.init_state(jax.random.key(1), model, tx, 32)
+    mesh = train.make_mesh()
+    data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    eval_fn = jax.jit(functools.partial(train.eval_step, model=model, num_classes=10))
+    got = train.evaluate(eval_fn, state, data, data_sharding, top5=True)
+    batches = list(data.as_numpy_iterator())
+  images = np.concatenate([b["image"] for b in batches])[:N]
+  labels = np.concatenate([b["label"] for b in batches])[:N]
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  logits = np.asarray(model.apply(variables, jnp.asarray(images), train=False))
+  assert got["eval/num_examples"] == N
+  assert got["eval/accuracy"] == np.mean(logits.argmax(-1) == labels)
+  top5 = np.argsort(-logits, -1)[:, :5]
+  assert got["eval/top5_accuracy"] == np.mean((top5 == labels[:, None]).any(-1))
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                                                                keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  np.testing.assert_allclose(got["eval/loss"], -logp[np.arange(N), labels].mean(), rtol=1e-4)
+
+
+def test_nan_loss_stops_without_checkpoint(tmp_path, mock_tfds, tiny_cifar_config):
+  config = tiny_cifar_config(learning_rate=1e30, reference_batch_size=16)
+  with mock_tfds(N), pytest.raises(FloatingPointError, match="at step [0-9]+"):
+    train.train_and_evaluate(config, str(tmp_path))
+  saved = os.listdir(os.path.join(tmp_path, "checkpoints"))
+  for step in saved:  # any checkpoint written is from before the first non-finite loss
+    assert int(step) < 2 or step.startswith(".")

@@ -1,0 +1,39 @@
+r"""Command line entry point; the logic lives in ``mssar_jax.train.train_and_evaluate``.
+
+    python train.py --config configs/cifar.py:cifar10,cifar_resnet20,ms_sar --workdir /tmp/r20
+    python train.py --config configs/cifar.py:cifar10,cifar_resnet20,ms_sar,local \
+        --workdir /tmp/r20_local --config.batch_size=256
+
+Re-running the same command with the same --workdir resumes from its newest checkpoint.
+On a multi-host TPU slice, run the same command on every host with --multihost.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment file and arguments, e.g. configs/cifar.py:cifar10,cifar_resnet20,ms_sar.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first (multi-host TPU / GPU).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # keep the console to the progress lines
+  import jax  # pylint: disable=import-outside-toplevel
+  if _MULTIHOST.value:
+    jax.distributed.initialize()
+  from mssar_jax import train  # pylint: disable=import-outside-toplevel
+  logging.info("JAX devices: %s", jax.devices())
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
