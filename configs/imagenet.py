@@ -6,7 +6,7 @@ with a step (default) or cosine schedule:
 
 Recipe (Goyal et al. 2017 / SENet): SGD momentum 0.9, lr 0.1 per 256 images (scaled
 linearly with the batch), batch 256, weight decay 1e-4 on all weights, 90 epochs, 5 warmup
-epochs; ``step`` divides the lr by 10 at epochs 30, 60 and 80, ``cosine`` decays to 0.
+epochs, ResNets start with the last BatchNorm scale of each block at zero; ``step`` divides the lr by 10 at epochs 30, 60 and 80, ``cosine`` decays to 0.
 Evaluation on the 50,000 validation images (resize 256, centre crop 224): top-1 and top-5.
 ImageNet must be prepared for TFDS by hand (see the error message or the README).
 
@@ -48,6 +48,8 @@ def get_config(arg=None):
   c.weight_decay = 1e-4
   c.weight_decay_on_bn_and_bias = True
   c.label_smoothing = 0.0
+  if "zero_init_residual" in c.model_kwargs:  # Goyal et al.: last BN scale of each block = 0
+    c.model_kwargs.zero_init_residual = True
   steps_per_epoch = _TRAIN_EXAMPLES // c.batch_size
   c.eval_every_steps = 5 * steps_per_epoch
   c.checkpoint_every_steps = steps_per_epoch
