@@ -145,6 +145,10 @@ def _meta(config, info) -> dict[str, Any]:
   return json.loads(json.dumps(meta))
 
 
+def _plural(n: int, one: str, many: str | None = None) -> str:
+  return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def _due(step: int, every: int, last: int) -> bool:
   return step == last or (every > 0 and step % every == 0)
 
@@ -208,8 +212,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                    global_batch=config.batch_size, enabled=process == 0)
   progress.print(
       f"{config.model} + {config.recalibration} on {config.dataset}: {total_steps} steps of "
-      f"{config.batch_size} images on {jax.device_count()} devices in {num_processes} "
-      f"process(es), {info.steps_per_epoch * num_processes * local_batch // config.batch_size} "
+      f"{config.batch_size} images on {_plural(jax.device_count(), 'device')} in "
+      f"{_plural(num_processes, 'process', 'processes')}, {info.steps_per_epoch * num_processes * local_batch // config.batch_size} "
       f"steps/epoch, {'resuming at step %d' % start_step if start_step else 'from scratch'}")
 
   train_data = input_pipeline.TrainData(config, builder, info, local_batch=local_batch,
