@@ -5,8 +5,12 @@ r"""Command line entry point; the logic lives in ``mssar_jax.train.train_and_eva
         --workdir /tmp/r20_local --config.batch_size=256
 
 Re-running the same command with the same --workdir resumes from its newest checkpoint.
+SIGTERM / Ctrl-C saves a checkpoint of the current step and exits with status 0. A bad
+config or a diverged run prints one line and exits with status 1.
 On a multi-host TPU slice, run the same command on every host with --multihost.
 """
+
+import sys
 
 from absl import app
 from absl import flags
@@ -31,8 +35,14 @@ def main(argv):
   if _MULTIHOST.value:
     jax.distributed.initialize()
   from mssar_jax import train  # pylint: disable=import-outside-toplevel
+  from mssar_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   logging.info("JAX devices: %s", jax.devices())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except ConfigError as e:  # one line naming the problem and the fix, no traceback
+    sys.exit(f"train.py: config error: {e}")
+  except FloatingPointError as e:
+    sys.exit(f"train.py: training diverged: {e}")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,10 @@ def data_dir(config) -> str | None:
 
 def validate(config, device_count: int, process_count: int) -> None:
   """Checks that need no data and no compilation; raises ConfigError naming the fix."""
+  from mssar_jax import models  # pylint: disable=import-outside-toplevel
+  from mssar_jax import recalibration  # pylint: disable=import-outside-toplevel
+  models.get_spec(config.model)                     # unknown model: ConfigError listing them
+  recalibration.get_recalibration(config.recalibration)  # unknown recalibration: likewise
   if config.dataset not in DATASETS:
     raise ConfigError(f"config.dataset={config.dataset!r} is not supported; use one of "
                       f"{', '.join(DATASETS)}.")
@@ -158,7 +162,19 @@ def validate(config, device_count: int, process_count: int) -> None:
       raise ConfigError(f"config.{key}={size} is not divisible by the {process_count} "
                         "processes; use a multiple of the device count.")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise ConfigError("set config.num_epochs > 0 or config.num_train_steps > 0.")
+    raise ConfigError(f"nothing to train: config.num_train_steps={config.num_train_steps} and "
+                      f"config.num_epochs={config.num_epochs}; set one of them > 0.")
+  if not config.learning_rate > 0:
+    raise ConfigError(f"config.learning_rate={config.learning_rate} must be positive, e.g. "
+                      "--config.learning_rate=0.1.")
+  for key in ("weight_decay", "warmup_epochs"):
+    if config[key] < 0:
+      raise ConfigError(f"config.{key}={config[key]} must be >= 0.")
+  if not 0.0 <= config.momentum < 1.0:
+    raise ConfigError(f"config.momentum={config.momentum} must be in [0, 1), e.g. 0.9.")
+  for key in ("eval_every_steps", "checkpoint_every_steps"):
+    if config[key] < 0:
+      raise ConfigError(f"config.{key}={config[key]} must be >= 0 (0: only at the end).")
   if not 0.0 <= config.label_smoothing < 1.0:
     raise ConfigError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1).")
   if list(config.lr_boundaries) != sorted(config.lr_boundaries) or any(

@@ -1,4 +1,4 @@
-"""TFDS + tf.data input for CIFAR-10/100 and ImageNet, split per process, seeded, resumable.
+"""TFDS + tf.data input for CIFAR-10/100 and ImageNet: seeded, resumable, multi-process.
 
 Preprocessing (x in [0, 255], per-channel mean m and std s of the training set):
   CIFAR train:     zero-pad 4 -> random 32x32 crop -> random horizontal flip -> (x - m) / s
@@ -8,17 +8,21 @@ Preprocessing (x in [0, 255], per-channel mean m and std s of the training set):
   ImageNet eval:   resize the shorter side to S / 0.875 (256 for S = 224) -> centre S x S crop
 (images not of size S = config.image_size are resized to it).
 
-Multi-host: process p of P reads ``tfds.even_splits(split, P)[p]``; the train split drops the
-remainder so every process has the same number of steps per epoch.
+Data order (exact resume, and the same global batches for any number of processes). An
+epoch is a seeded shuffle (seed ``e_seed = hash(config.seed, epoch)``) of the split, cut to
+``steps_per_epoch`` global batches; example i of the epoch is augmented with the stateless seed
+(e_seed, i). Batch b of epoch e is thus a pure function of (seed, e, b); training step t reads
+batch t mod steps_per_epoch of epoch t div steps_per_epoch. A run resumed at step t rebuilds
+epoch e and skips the examples of its first b batches (not yet decoded), so it sees exactly the
+batches an uninterrupted run would have seen. Which process reads what:
 
-Data order (exact resume). A process's train stream is a concatenation of epochs; an epoch is
-the first ``steps_per_epoch * local_batch`` examples of the process split shuffled with the
-seed ``e_seed = hash(config.seed, epoch)`` (files too, when ``shuffle_files``), and example
-i of the epoch is augmented with the stateless seed (e_seed, i). Batch b of epoch e is thus a
-pure function of (seed, e, b); training step t reads batch t mod steps_per_epoch of epoch
-t div steps_per_epoch. A run resumed at step t rebuilds epoch e and skips its first
-b * local_batch shuffled (not yet decoded) examples, so it sees exactly the batches an
-uninterrupted run would have seen.
+* ``shuffle_files=False`` (CIFAR): every process reads the whole split in file order and the
+  same shuffle; process p of P keeps rows [p L, (p + 1) L) of each global batch (L = global
+  batch / P). The global batches, hence the training, are the same for 1 or P processes.
+* ``shuffle_files=True`` (ImageNet, where reading everything on every host would multiply the
+  I/O): process p reads ``tfds.even_splits(split, P)[p]`` (remainder dropped, so all processes
+  have the same number of steps), with its files and examples shuffled by e_seed. The data are
+  the same in distribution, not in order, for a different process count.
 
 Eval. Each process pads its split with masked zero images to ``eval_steps * local_batch``
 examples, where eval_steps is the same on every process (its largest split decides); metrics
@@ -56,7 +60,7 @@ class DataInfo:
   """Sizes of this process's share of the data."""
   num_classes: int
   image_size: int
-  train_examples: int     # this process's train examples (all processes equal)
+  train_examples: int     # train examples in the split this process reads
   steps_per_epoch: int
   eval_examples: int      # all eval examples over all processes
   eval_steps: int         # eval batches per process (equal on all processes)
@@ -94,7 +98,14 @@ def _num_examples(builder, split) -> int:
   return int(ds.reduce(np.int64(0), lambda n, _: n + 1).numpy())
 
 
+def _global_order(config) -> bool:
+  """Whether every process reads the whole train split in one global order (docstring)."""
+  return not config.shuffle_files
+
+
 def _train_split(config, process_index, process_count):
+  if _global_order(config):
+    return config.train_split
   return tfds.even_splits(config.train_split, n=process_count, drop_remainder=True)[process_index]
 
 
@@ -110,18 +121,19 @@ def image_size(config) -> int:
 def get_info(config, builder, *, local_batch: int, local_eval_batch: int,
              process_index: int, process_count: int) -> DataInfo:
   """Sizes of the data seen by this process; ConfigError if a batch exceeds the data."""
-  train = _num_examples(builder, _train_split(config, process_index, process_count))
-  steps_per_epoch = train // local_batch
+  available = _num_examples(builder, _train_split(config, process_index, process_count))
+  read_batch = local_batch * process_count if _global_order(config) else local_batch
+  steps_per_epoch = available // read_batch
   if steps_per_epoch < 1:
-    raise ConfigError(f"the per-process batch ({local_batch}) exceeds the {train} training "
-                      f"examples of this process; lower config.batch_size.")
+    raise ConfigError(f"the batch ({read_batch}) exceeds the {available} training examples "
+                      f"read by each process; lower config.batch_size.")
   eval_sizes = [_num_examples(builder, s) for s in _eval_splits(config, process_count)]
   if process_count == 1:
     eval_sizes = eval_sizes[:1]
   return DataInfo(
       num_classes=int(builder.info.features["label"].num_classes),
       image_size=image_size(config),
-      train_examples=train,
+      train_examples=available,
       steps_per_epoch=steps_per_epoch,
       eval_examples=sum(eval_sizes),
       eval_steps=math.ceil(max(eval_sizes) / local_eval_batch))
@@ -202,6 +214,8 @@ class TrainData:
     self._builder = builder
     self._info = info
     self._local_batch = local_batch
+    self._process_index = process_index
+    self._process_count = process_count if _global_order(config) else 1
     self._split = _train_split(config, process_index, process_count)
     self._cached = None
     if config.cache and not config.shuffle_files:
@@ -224,9 +238,14 @@ class TrainData:
       image = augment(example, tf.stack([tf.constant(seed, tf.int64), index]), config, size)
       return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
+    read_batch = batch * self._process_count  # global batch if all processes read everything
     ds = self._source(seed).shuffle(config.shuffle_buffer, seed=seed,
                                     reshuffle_each_iteration=False)
-    ds = ds.take(self._info.steps_per_epoch * batch).enumerate().skip(skip_batches * batch)
+    ds = ds.take(self._info.steps_per_epoch * read_batch).enumerate()
+    ds = ds.skip(skip_batches * read_batch)
+    if self._process_count > 1:  # keep this process's rows of each global batch
+      p = self._process_index
+      ds = ds.filter(lambda i, _: (i % read_batch) // batch == p)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch, drop_remainder=True).prefetch(config.prefetch)
 

@@ -4,6 +4,10 @@
 (train metrics averaged over the steps since the previous line, eval metrics over the whole
 eval set). Only deterministic quantities go there; timings (img/s) go to TensorBoard and the
 console. Only process 0 writes; the other processes' writers do nothing.
+
+On resume from step s the lines of steps after s (written before a crash, after the last
+checkpoint) and any torn last line are dropped first: the resumed run writes them again, so
+the file ends up equal to that of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ def _plain(value):
 class MetricsWriter:
   """Appends to ``metrics.jsonl`` and writes TensorBoard scalars (process 0 only)."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
     self._enabled = enabled
     self._tb = None
     if not enabled:
       return
     from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _truncate_after(path, resume_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, Any], extra: Mapping[str, Any] = ()):
@@ -50,6 +56,25 @@ class MetricsWriter:
     if self._enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Keeps the complete lines of ``path`` whose step is <= ``step`` (atomic rewrite)."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if line.endswith("\n") and json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass
+  if kept != lines:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def write_config(workdir: str, config) -> None:

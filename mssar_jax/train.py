@@ -9,7 +9,13 @@ statistics are those of the global batch (the model's BatchNorm has no axis_name
 Step t (1-based) applies the update computed on batch t-1 of the data stream and uses the
 learning rate schedule(t-1). Logging, evaluation and checkpoints happen after step t when t is
 a multiple of their interval and after the last step. A workdir that holds a checkpoint is
-resumed from its newest step with the same data order (see ``input_pipeline``).
+resumed from its newest readable step with the same data order (see ``input_pipeline``), so a
+run killed at any point and restarted ends with the same parameters and ``metrics.jsonl``.
+
+Failure handling: SIGTERM / SIGINT finish the running step, checkpoint it and return
+(``preemption``); a non-finite loss or parameter raises FloatingPointError naming the step
+before anything non-finite is saved; a bad config raises ConfigError before any compilation
+and before the workdir is touched.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from mssar_jax import config_lib
 from mssar_jax import input_pipeline
 from mssar_jax import metrics_writer
 from mssar_jax import optim
+from mssar_jax import preemption
 from mssar_jax import progress as progress_lib
+from mssar_jax.errors import ConfigError
 from mssar_jax.models import get_model
 
 P = jax.sharding.PartitionSpec
@@ -149,6 +157,11 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
   return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _due(step: int, every: int, last: int) -> bool:
   return step == last or (every > 0 and step % every == 0)
 
@@ -193,13 +206,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     in_shardings=(replicated, data_sharding), out_shardings=replicated)
 
   # ---- Workdir, checkpoint resume, outputs. ----
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file; pass a directory (new or a run's).")
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
                                     async_save=config.async_checkpointing)
   meta = _meta(config, info)
-  start_step = ckpt.latest_step() or 0
+  start_step, state = ckpt.restore_latest(abstract, meta)
   if start_step:
-    state = ckpt.restore(start_step, abstract, meta)
     logging.info("resumed from %s at step %d", ckpt.directory, start_step)
   else:
     # Eager (op-by-op) init: jitting it compiles one threefry kernel per parameter, which
@@ -207,7 +221,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     state = jax.device_put(init_fn(jax.random.key(config.seed)), replicated)
   if process == 0:
     metrics_writer.write_config(workdir, config)
-  writer = metrics_writer.MetricsWriter(workdir, enabled=process == 0)
+  writer = metrics_writer.MetricsWriter(workdir, resume_step=start_step, enabled=process == 0)
   progress = progress_lib.Progress(total_steps=total_steps, start_step=start_step,
                                    global_batch=config.batch_size, enabled=process == 0)
   progress.print(
@@ -228,34 +242,52 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   eval_metrics: dict[str, float] = {}
   pending: list[dict] = []
   batches = train_data.iterate(start_step)
+  step = start_step
+  preempted = None
   try:
-    for step in range(start_step + 1, total_steps + 1):
-      state, metrics = step_fn(state, _global(next(batches), data_sharding))
-      pending.append(metrics)
-      if step == start_step + 1:
-        jax.block_until_ready(metrics)
-        progress.first_step_done(step)
-      record: dict[str, float] = {}
-      if _due(step, config.log_every_steps, total_steps):
-        record.update(_mean_metrics(pending, step - len(pending) + 1))
-        pending = []
-      if _due(step, config.eval_every_steps, total_steps):
-        started = time.time()
-        eval_metrics = run_eval(state)
-        progress.exclude(time.time() - started)
-        record.update(eval_metrics)
-      if record:
-        writer.write(step, record, {"perf/images_per_second": progress.images_per_second(step)})
-        progress.update(step, {k: v for k, v in record.items() if k != "eval/num_examples"})
-      if _due(step, config.checkpoint_every_steps, total_steps):
-        if pending:
-          _mean_metrics(pending, step - len(pending) + 1)  # no checkpoint of a NaN state
-        ckpt.save(step, state, meta)
-    if not eval_metrics:  # resumed after the last step was saved: evaluate the final state
-      eval_metrics = run_eval(state)
+    with preemption.PreemptionWatcher(num_processes) as watcher:
+      for step in range(start_step + 1, total_steps + 1):
+        state, metrics = step_fn(state, _global(next(batches), data_sharding))
+        pending.append(metrics)
+        if step == start_step + 1:
+          jax.block_until_ready(metrics)
+          progress.first_step_done(step)
+        stop = watcher.should_stop(step)
+        save = stop or _due(step, config.checkpoint_every_steps, total_steps)
+        record: dict[str, float] = {}
+        # Train metrics are flushed at every checkpoint too, so a run resumed from any
+        # checkpoint writes exactly the lines an uninterrupted run writes.
+        if pending and (save or _due(step, config.log_every_steps, total_steps)):
+          record.update(_mean_metrics(pending, step - len(pending) + 1))
+          pending = []
+        if not stop and _due(step, config.eval_every_steps, total_steps):
+          started = time.time()
+          eval_metrics = run_eval(state)
+          progress.exclude(time.time() - started)
+          record.update(eval_metrics)
+        if record:
+          writer.write(step, record,
+                       {"perf/images_per_second": progress.images_per_second(step)})
+          progress.update(step, {k: v for k, v in record.items() if k != "eval/num_examples"})
+        if save:
+          if not bool(_all_finite(state.params)):
+            raise FloatingPointError(f"the parameters are not finite after step {step}; "
+                                     "stopping without saving a checkpoint (lower the learning "
+                                     "rate or check the data).")
+          ckpt.save(step, state, meta)
+        if stop:
+          preempted = watcher.signal_name
+          break
+      if preempted is None and not eval_metrics:
+        eval_metrics = run_eval(state)  # resumed after the last step was saved
+      ckpt.close()  # waits for the last checkpoint; signals are still held until it is written
   finally:
     ckpt.close()
     writer.close()
+  if preempted:
+    progress.print(f"stopped by {preempted} after step {step}/{total_steps}; checkpoint saved "
+                   f"in {ckpt.directory}; run the same command again to resume.")
+    return {"step": step, "preempted": True}
   final_step = max(start_step, total_steps)
   progress.summary(final_step, {k: v for k, v in eval_metrics.items()
                                 if k != "eval/num_examples"}, workdir)
