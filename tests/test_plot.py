@@ -1,0 +1,69 @@
+"""``python -m mssar_jax.plot``: curves of several runs, legends from their configs."""
+
+import json
+import os
+
+import pytest
+
+from mssar_jax import plot
+
+
+def _run(root, name, config, records):
+  workdir = root / name
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps(config))
+  lines = [json.dumps(r) for r in records]
+  (workdir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 9, "train/lo')
+  return str(workdir)
+
+
+def _records(offset):
+  out = []
+  for step in range(10, 61, 10):
+    r = {"step": step, "train/loss": 2.3 - step / 100 + offset,
+         "train/accuracy": 0.1 + step / 200, "train/learning_rate": 0.1 if step <= 30 else 0.01}
+    if step % 30 == 0:
+      r.update({"eval/accuracy": 0.2 + step / 300 - offset, "eval/loss": 2.0,
+                "eval/num_examples": 10000})
+    out.append(r)
+  return out
+
+
+@pytest.fixture
+def workdirs(tmp_path):
+  base = {"model": "cifar_resnet20", "recalibration": "ms_sar", "seed": 0, "batch_size": 64,
+          "data_dir": "/a", "recalibration_kwargs": {"scales": [2, 4, 8]}}
+  return [
+      _run(tmp_path, "a", base, _records(0.0)),
+      _run(tmp_path, "b", {**base, "seed": 1, "data_dir": "/b"}, _records(0.05)),
+      _run(tmp_path, "c", {**base, "recalibration": "se", "recalibration_kwargs": {}},
+           _records(0.1)),
+  ]
+
+
+def test_labels_name_model_and_the_differing_keys(workdirs):
+  runs = [plot.read_run(w) for w in workdirs]
+  assert len(runs[0]["records"]) == 6                      # the torn last line is ignored
+  assert plot.labels(runs) == [
+      "cifar_resnet20 + ms_sar, scales=(2,4,8), seed=0",
+      "cifar_resnet20 + ms_sar, scales=(2,4,8), seed=1",
+      "cifar_resnet20 + se, scales=None, seed=0"]          # data_dir is not a difference
+  assert plot.labels(runs[:1]) == ["cifar_resnet20 + ms_sar"]
+  same = [runs[0], dict(runs[0], workdir="/x/again")]
+  assert plot.labels(same) == ["cifar_resnet20 + ms_sar (a)", "cifar_resnet20 + ms_sar (again)"]
+  steps, values = plot.series(runs[0]["records"], "eval/accuracy")
+  assert steps == [30, 60] and values == pytest.approx([0.3, 0.4])
+
+
+def test_plot_command_writes_one_png(workdirs, tmp_path, capsys):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "out" / "curves.png")
+  assert plot.main([*workdirs, "--out", out, "--color_by", "recalibration",
+                    "--title", "three runs"]) == 0
+  assert capsys.readouterr().out.strip() == out
+  width, height = Image.open(out).size
+  assert width == 1500 and 400 <= height <= 500
+  assert plot.main([workdirs[0], "--out", str(tmp_path / "one.png")]) == 0
+  assert os.path.isfile(tmp_path / "one.png")
+  assert plot.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")]) == 1
+  assert "metrics.jsonl not found" in capsys.readouterr().err
