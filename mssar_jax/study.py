@@ -106,9 +106,7 @@ def _overrides_as_flags(config, variant_config_words: str, workdir: str) -> str:
   flat_new, flat_old = _flatten(config.to_dict()), _flatten(base.to_dict())
   for key in sorted(flat_new):
     if flat_new[key] != flat_old.get(key):
-      value = flat_new[key]
-      text = f"'{value}'" if isinstance(value, tuple) else str(value)
-      parts.append(f"--config.{key}={shlex.quote(text) if ' ' in text else text}")
+      parts.append(f"--config.{key}={shlex.quote(str(flat_new[key]))}")
   return " ".join(parts)
 
 
