@@ -79,6 +79,7 @@ def get_builder(config):
     builder.as_dataset(split=config.train_split)  # only builds the graph; fails if absent
   except (AssertionError, tfds.core.DatasetNotFoundError, FileNotFoundError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = first.split(". ")[0].rstrip(".")  # TFDS's first sentence; the fix follows
     fix = (_IMAGENET_HELP if _is_imagenet(config) else
            f"prepare it once with `tfds build {config.dataset} --data_dir <dir>` on a machine "
            "with internet, then pass --config.data_dir=<dir> or set TFDS_DATA_DIR.")

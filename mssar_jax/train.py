@@ -260,7 +260,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         if pending and (save or _due(step, config.log_every_steps, total_steps)):
           record.update(_mean_metrics(pending, step - len(pending) + 1))
           pending = []
-        if not stop and _due(step, config.eval_every_steps, total_steps):
+        if _due(step, config.eval_every_steps, total_steps):
           started = time.time()
           eval_metrics = run_eval(state)
           progress.exclude(time.time() - started)

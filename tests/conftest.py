@@ -1,11 +1,17 @@
 """Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# JAX's persistent compilation cache: the trainer tests build the same tiny programs many times
+# (in this process and in subprocesses, which inherit the variable); later builds load the
+# executable instead of compiling it again. Same executable, same results.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"mssar_jax_test_cache_{os.getuid()}"))
 
 # ---- Trainer fixtures (tests/test_train*.py, test_input_pipeline.py, test_configs.py). ----
 import pathlib  # noqa: E402
@@ -31,24 +37,6 @@ def mock_tfds():
 
 @pytest.fixture
 def tiny_cifar_config():
-  """cifar_resnet20 + ms_sar shrunk to depth 8, width 4 on mock CIFAR-10: seconds per run."""
-  from configs import cifar  # pylint: disable=import-outside-toplevel
-
-  def make(**overrides):
-    c = cifar.get_config("cifar10,cifar_resnet20,ms_sar,local")
-    c.model_kwargs.depth = 8
-    c.model_kwargs.width = 4
-    c.data_dir = ""
-    c.batch_size = 16
-    c.eval_batch_size = 24
-    c.num_train_steps = 6
-    c.log_every_steps = 2
-    c.eval_every_steps = 3
-    c.checkpoint_every_steps = 2
-    c.keep_checkpoints = 2
-    c.shuffle_buffer = 64
-    c.async_checkpointing = False
-    for key, value in overrides.items():
-      c[key] = value
-    return c
-  return make
+  """``tests/tiny.py``'s config factory: tiny_cifar_config(**overrides) -> ConfigDict."""
+  from tests import tiny  # pylint: disable=import-outside-toplevel
+  return tiny.tiny_cifar_config

@@ -9,34 +9,16 @@ repository root). Under CI (CI=true) a missing directory is a failure, elsewhere
 development VM: 37.6% test accuracy, about 2.5 minutes. Chance is 10%.
 """
 
-import os
-import pathlib
-
 import pytest
 
 from configs import cifar
 from mssar_jax import metrics_writer, train
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _data_dir():
-  value = os.environ.get("MSSAR_TFDS_DATA_DIR", "")
-  candidates = [pathlib.Path(value), ROOT / value] if value else []
-  for path in candidates:
-    if (path / "cifar10").is_dir():
-      return str(path.resolve())
-  message = (f"real CIFAR-10 not found (MSSAR_TFDS_DATA_DIR={value!r}); set it to the TFDS "
-             "data_dir holding cifar10/, e.g. ../shared/data/tfds")
-  if os.environ.get("CI", "").lower() == "true":
-    pytest.fail(message)
-  pytest.skip(message)
-
+from tests import tiny
 
 @pytest.mark.slow
 def test_cifar10_resnet20_ms_sar_learns(tmp_path):
   config = cifar.get_config("cifar10,cifar_resnet20,ms_sar,local")
-  config.data_dir = _data_dir()
+  config.data_dir = tiny.real_cifar10_dir()
   config.num_train_steps = 200
   config.eval_every_steps = 0          # evaluate once, at the end
   config.checkpoint_every_steps = 0    # checkpoint once, at the end

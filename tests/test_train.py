@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import imagenet
-from mssar_jax import checkpointing, input_pipeline, metrics_writer, train
+from mssar_jax import input_pipeline, metrics_writer, train
 from mssar_jax.errors import ConfigError
 
 N = 50  # mock examples per split; batch 16 -> 3 steps per epoch, eval batch 24 -> 2 pads
@@ -76,58 +76,11 @@ def test_imagenet_run_reports_top5(tmp_path, mock_tfds):
   assert "eval/top5_accuracy" in metrics_writer.read_metrics(str(tmp_path))[-1]
 
 
-def _final_state(config, workdir, step):
-  """The train state saved at ``step`` in ``workdir`` (restored on the mesh)."""
-  model = train.create_model(config, 10)
-  tx = train.optim.make_optimizer(config, lambda _: 0.0)
-  init = functools.partial(train.init_state, model=model, tx=tx, image_size=32)
-  mesh = train.make_mesh()
-  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                          jax.eval_shape(init, jax.random.key(0)))
-  ckpt = checkpointing.Checkpointer(workdir, keep=10)
-  try:
-    return ckpt.restore(step, abstract, train._meta(config, _info(config)))
-  finally:
-    ckpt.close()
-
-
 def _info(config):
   builder = input_pipeline.get_builder(config)
   return input_pipeline.get_info(config, builder, local_batch=config.batch_size,
                                  local_eval_batch=config.eval_batch_size, process_index=0,
                                  process_count=1)
-
-
-def test_interrupted_run_resumes_to_identical_result(tmp_path, mock_tfds, tiny_cifar_config,
-                                                     monkeypatch):
-  """8 steps straight == crash after step 5 (last checkpoint 4, mid-epoch) + same command."""
-  config = tiny_cifar_config(num_train_steps=8, eval_every_steps=0, keep_checkpoints=5)
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  with mock_tfds(N):
-    expected = train.train_and_evaluate(config, straight)
-
-    original = input_pipeline.TrainData.iterate
-
-    def crashing(self, start_step=0):
-      for i, batch in enumerate(original(self, start_step)):
-        if start_step + i == 5:           # the 6th batch: steps 1-5 ran, checkpoint at 4
-          raise KeyboardInterrupt("simulated crash")
-        yield batch
-
-    monkeypatch.setattr(input_pipeline.TrainData, "iterate", crashing)
-    with pytest.raises(KeyboardInterrupt):
-      train.train_and_evaluate(config, resumed)
-    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["2", "4"]
-    monkeypatch.setattr(input_pipeline.TrainData, "iterate", original)
-    got = train.train_and_evaluate(config, resumed)
-
-    assert got == expected
-    assert metrics_writer.read_metrics(resumed) == metrics_writer.read_metrics(straight)
-    a, b = _final_state(config, straight, 8), _final_state(config, resumed, 8)
-  assert int(a.step) == int(b.step) == 8
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("eval_batch", [8, 24, 56])
@@ -159,12 +112,3 @@ def test_eval_counts_every_example_once(mock_tfds, tiny_cifar_config, eval_batch
                                                                                 keepdims=True)) \
       - logits.max(-1, keepdims=True)
   np.testing.assert_allclose(got["eval/loss"], -logp[np.arange(N), labels].mean(), rtol=1e-4)
-
-
-def test_nan_loss_stops_without_checkpoint(tmp_path, mock_tfds, tiny_cifar_config):
-  config = tiny_cifar_config(learning_rate=1e30, reference_batch_size=16)
-  with mock_tfds(N), pytest.raises(FloatingPointError, match="at step [0-9]+"):
-    train.train_and_evaluate(config, str(tmp_path))
-  saved = os.listdir(os.path.join(tmp_path, "checkpoints"))
-  for step in saved:  # any checkpoint written is from before the first non-finite loss
-    assert int(step) < 2 or step.startswith(".")

@@ -1,0 +1,73 @@
+"""Runs the tiny config on mock CIFAR-10 in a fresh process (for tests that need a real signal,
+a kill -9, another device count or a second process).
+
+    python tests/tiny_run.py WORKDIR --devices 8 [--overrides JSON] [--step_sleep S]
+        [--process_id I --num_processes P --coordinator HOST:PORT]
+
+Mock CIFAR-10 unless the overrides set ``data_dir`` (then that TFDS copy). Writes the result of ``train_and_evaluate`` to WORKDIR/result.json (process 0). With
+``--step_sleep`` every train batch is delayed by S seconds so a test can signal mid-run.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("workdir")
+  parser.add_argument("--devices", type=int, default=8)
+  parser.add_argument("--overrides", default="{}")
+  parser.add_argument("--step_sleep", type=float, default=0.0)
+  parser.add_argument("--process_id", type=int, default=0)
+  parser.add_argument("--num_processes", type=int, default=1)
+  parser.add_argument("--coordinator", default="")
+  args = parser.parse_args()
+
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  sys.path.insert(0, str(ROOT))
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_disable_most_optimizations", True)  # as the in-process tests
+  if args.num_processes > 1:
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from mssar_jax import input_pipeline, train  # pylint: disable=import-outside-toplevel
+  from tests import tiny  # pylint: disable=import-outside-toplevel
+
+  if args.step_sleep:
+    original = input_pipeline.TrainData.iterate
+
+    def slow(self, start_step=0):
+      for batch in original(self, start_step):
+        time.sleep(args.step_sleep)
+        yield batch
+    input_pipeline.TrainData.iterate = slow
+
+  overrides = json.loads(args.overrides)
+  config = tiny.tiny_cifar_config()
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = tuple(value) if isinstance(value, list) else value
+  if config.data_dir:  # real data
+    result = train.train_and_evaluate(config, args.workdir)
+  else:
+    with tfds.testing.mock_data(num_examples=tiny.MOCK_EXAMPLES,
+                                policy=tfds.testing.MockPolicy.USE_CODE):
+      result = train.train_and_evaluate(config, args.workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(args.workdir, "result.json"), "w", encoding="utf-8") as f:
+      json.dump(result, f)
+
+
+if __name__ == "__main__":
+  main()
