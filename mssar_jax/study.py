@@ -310,7 +310,8 @@ def write_report(workdirs: Sequence[str], out: str, *, runs_dir: str | None = No
     ips = f"{s['images_per_second']:.0f}" if s["images_per_second"] else "n/a"
     extra = (f"{100 * (s['parameters'] / base_params - 1):+.2f}%" if base_params else "n/a")
     lines.append(f"| {s['variant']} | {', '.join(map(str, s['seeds']))} | "
-                 f"{_pct(s['mean'])} ± {_pct(s['std'])} | {_pct(s['min'])} - {_pct(s['max'])} | "
+                 f"{_pct(s['mean'])} ± {_pct(s['std']) if s['n'] > 1 else 'n/a (1 seed)'} | "
+                 f"{_pct(s['min'])} - {_pct(s['max'])} | "
                  f"{ips} | {s['parameters']:,} | {extra} |")
   lines += ["", "Per run:", "", "| workdir | variant | seed | test accuracy | final train loss | "
             "train img/s | wall |", "|---|---|---:|---:|---:|---:|---:|"]

@@ -80,7 +80,8 @@ def test_study_trains_skips_finished_runs_and_reports(tmp_path, mock_tfds, capsy
   assert config["seed"] == 3 and config["num_train_steps"] == 2
   assert config["model_kwargs"]["depth"] == 8 and config["checkpoint_every_steps"] == 0
   text = (out / "results.md").read_text()
-  assert "| ms_sar | 3 |" in text and "python -m mssar_jax.study --steps 2 --seeds 3" in text
+  assert "| ms_sar | 3 | " in text and "± n/a (1 seed) |" in text
+  assert "python -m mssar_jax.study --steps 2 --seeds 3" in text
   assert ("python train.py --config configs/cifar.py:cifar10,cifar_resnet20,ms_sar,local "
           f"--workdir {runs / 'ms_sar_seed3'}") in text
   assert "--config.model_kwargs.depth=8" in text and "--config.seed=3" in text
