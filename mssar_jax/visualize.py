@@ -78,7 +78,7 @@ def load_image_file(path: str, size: int, dataset: str) -> np.ndarray:
   return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
 
 
-def test_images(config, num: int, first: int = 0, data_dir: str | None = None):
+def eval_images(config, num: int, first: int = 0, data_dir: str | None = None):
   """(uint8 images (N, S, S, 3), labels, class names) of the eval split, in file order."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from mssar_jax import input_pipeline  # pylint: disable=import-outside-toplevel
@@ -280,11 +280,11 @@ def render(workdir: str, *, step: int | None = None, images: Sequence[str] = (),
     titles = [os.path.basename(p) for p in images]
     labels = [None] * len(images)
     try:
-      _, _, names = test_images(config, 1, 0, data_dir)
+      _, _, names = eval_images(config, 1, 0, data_dir)
     except ConfigError:
       names = []
   else:
-    pixels, labels, names = test_images(config, num_images, first, data_dir)
+    pixels, labels, names = eval_images(config, num_images, first, data_dir)
     titles = [f"#{first + i}" for i in range(len(pixels))]
   logits, found = collect_maps(run.model, run.variables,
                                jnp.asarray(normalise(pixels, config.dataset)))
