@@ -79,11 +79,25 @@ def _short(value) -> str:
   return str(value)
 
 
+def _explained_by_recalibration(key: str, runs: Sequence[dict]) -> bool:
+  """A recalibration argument that is constant among the runs of each recalibration (e.g.
+  ``scales`` of ms_sar runs against none runs): the recalibration name already says it."""
+  if not key.startswith("recalibration_kwargs."):
+    return False
+  groups: dict[str, set] = {}
+  for r in runs:
+    groups.setdefault(repr(r["config"].get("recalibration")),
+                      set()).add(repr(r["config"].get(key)))
+  return all(len(values) == 1 for values in groups.values())
+
+
 def labels(runs: Sequence[dict], max_keys: int = 3) -> list[str]:
-  """Legend labels: model + recalibration, plus the config keys in which the runs differ."""
-  keys = sorted({k for r in runs for k in r["config"]})
+  """Legend labels: model + recalibration, plus the config keys in which the runs differ
+  (``seed`` first, at most ``max_keys``)."""
+  keys = sorted({k for r in runs for k in r["config"]}, key=lambda k: (k != "seed", k))
   differing = [k for k in keys if k not in _IGNORED and k not in ("model", "recalibration")
-               and len({repr(r["config"].get(k)) for r in runs}) > 1]
+               and len({repr(r["config"].get(k)) for r in runs}) > 1
+               and not _explained_by_recalibration(k, runs)]
   out = []
   for r in runs:
     c = r["config"]
@@ -104,6 +118,7 @@ def plot_runs(workdirs: Sequence[str], out: str, *, color_by: str | None = None,
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
 
   runs = [read_run(w) for w in workdirs]
   names = labels(runs)
@@ -132,6 +147,7 @@ def plot_runs(workdirs: Sequence[str], out: str, *, color_by: str | None = None,
               label=label)
     ax.set_title(name)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if log:
       ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -141,7 +157,8 @@ def plot_runs(workdirs: Sequence[str], out: str, *, color_by: str | None = None,
       if t not in texts:
         handles.append(h)
         texts.append(t)
-  ncol = min(len(texts), 3) or 1
+  longest = max((len(t) for t in texts), default=1)
+  ncol = max(1, min(len(texts), int(fig.get_figwidth() / (0.07 * longest + 0.8))))
   rows = -(-len(texts) // ncol) if texts else 0
   fig.legend(handles, texts, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
   if title:

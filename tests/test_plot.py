@@ -44,10 +44,13 @@ def workdirs(tmp_path):
 def test_labels_name_model_and_the_differing_keys(workdirs):
   runs = [plot.read_run(w) for w in workdirs]
   assert len(runs[0]["records"]) == 6                      # the torn last line is ignored
-  assert plot.labels(runs) == [
-      "cifar_resnet20 + ms_sar, scales=(2,4,8), seed=0",
-      "cifar_resnet20 + ms_sar, scales=(2,4,8), seed=1",
-      "cifar_resnet20 + se, scales=None, seed=0"]          # data_dir is not a difference
+  # data_dir is not a difference; scales only differ with the recalibration, which says it.
+  assert plot.labels(runs) == ["cifar_resnet20 + ms_sar, seed=0",
+                               "cifar_resnet20 + ms_sar, seed=1", "cifar_resnet20 + se, seed=0"]
+  other = dict(runs[1], config={**runs[1]["config"], "recalibration_kwargs.scales": (2, 4)})
+  assert plot.labels([runs[0], other]) == [
+      "cifar_resnet20 + ms_sar, seed=0, scales=(2,4,8)",
+      "cifar_resnet20 + ms_sar, seed=1, scales=(2,4)"]
   assert plot.labels(runs[:1]) == ["cifar_resnet20 + ms_sar"]
   same = [runs[0], dict(runs[0], workdir="/x/again")]
   assert plot.labels(same) == ["cifar_resnet20 + ms_sar (a)", "cifar_resnet20 + ms_sar (again)"]
