@@ -355,27 +355,63 @@ def discover(runs: str) -> list[str]:
   return found
 
 
+def _scalar_events(workdir: str, tag: str) -> list[tuple[int, float, float]]:
+  """(step, wall_time, value) of one TensorBoard tag of the run, sorted by step."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  from tensorboard.util import tensor_util  # pylint: disable=import-outside-toplevel
+  acc = event_accumulator.EventAccumulator(
+      os.path.join(workdir, "tensorboard"), size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  if tag not in acc.Tags().get("tensors", []):
+    return []
+  return sorted((e.step, e.wall_time, float(tensor_util.make_ndarray(e.tensor_proto)))
+                for e in acc.Tensors(tag))
+
+
+def eval_seconds(workdir: str, batch_size: int, ips: float) -> float | None:
+  """Seconds of one evaluation, from the TensorBoard wall times around the first eval record:
+  (wall of the eval step's record - wall of the previous record) - the training between."""
+  evals = _scalar_events(workdir, "eval/accuracy")
+  logs = _scalar_events(workdir, "train/loss")
+  if not evals:
+    return None
+  step, wall, _ = evals[0]
+  before = [(s, w) for s, w, _ in logs if s < step]
+  if not before:
+    return None
+  prev_step, prev_wall = before[-1]
+  return max(0.0, (wall - prev_wall) - (step - prev_step) * batch_size / ips)
+
+
 def calibrate_steps(minutes: float, *, base: str, data_dir: str | None,
                     overrides: dict[str, Any], batch_size: int, calibration_steps: int = 60,
                     evals: int = 4) -> int:
-  """Steps of ms_sar (the slowest variant) that fit ``minutes``, from a short timed run."""
+  """Steps of ms_sar (the slowest variant) that fit ``minutes`` with ``evals`` evaluations.
+
+  A ``calibration_steps`` run of ms_sar (evaluated twice) gives the training rate (img/s),
+  one evaluation's time (TensorBoard wall times) and the one-off cost (start-up, data
+  loading, compilation: wall time - training - evaluations); then
+  steps = (minutes - one-off - evals x evaluation) x img/s / batch, rounded down to 50.
+  """
   import tempfile  # pylint: disable=import-outside-toplevel
   from mssar_jax import train  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
     config = run_config("ms_sar", 0, steps=calibration_steps, base=base, data_dir=data_dir,
-                        evals=0, overrides=overrides)
+                        evals=2, overrides=overrides)
     started = time.time()
     train.train_and_evaluate(config, tmp)
-    overhead = time.time() - started - calibration_steps * batch_size / max(
-        images_per_second(tmp) or 1.0, 1e-9)
+    wall = time.time() - started
     ips = images_per_second(tmp) or 1.0
-  # The budget pays for the training steps plus (evals + 1) times the one-off costs
-  # (compilation, data loading, one full evaluation) measured in the calibration run.
-  budget = minutes * 60 - (evals + 1) * max(overhead, 0.0)
+    evaluation = eval_seconds(tmp, batch_size, ips)
+  evaluation = evaluation if evaluation is not None else 0.0
+  training = calibration_steps * batch_size / ips
+  fixed = max(wall - training - 2 * evaluation, 0.0)
+  budget = minutes * 60 - fixed - evals * evaluation
   steps = int(budget * ips / batch_size)
   steps = max(50, steps - steps % 50)
-  print(f"study: ms_sar trains at {ips:.0f} img/s with {overhead:.0f} s of fixed cost; "
-        f"{steps} steps fit {minutes:g} minutes", flush=True)
+  print(f"study: ms_sar trains at {ips:.0f} img/s, an evaluation takes {evaluation:.0f} s, "
+        f"start-up and compilation {fixed:.0f} s: {steps} steps with {evals} evaluations fit "
+        f"{minutes:g} minutes", flush=True)
   return steps
 
 

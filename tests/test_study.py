@@ -85,6 +85,9 @@ def test_study_trains_skips_finished_runs_and_reports(tmp_path, mock_tfds, capsy
   assert ("python train.py --config configs/cifar.py:cifar10,cifar_resnet20,ms_sar,local "
           f"--workdir {runs / 'ms_sar_seed3'}") in text
   assert "--config.model_kwargs.depth=8" in text and "--config.seed=3" in text
+  workdir = str(runs / "ms_sar_seed3")
+  ips = study.images_per_second(workdir)
+  assert ips > 0 and study.eval_seconds(workdir, 16, ips) >= 0.0  # eval at 2, log at 1
   state = json.load(open(runs / "study.json"))
   assert state["runs"]["ms_sar_seed3"]["wall_seconds"] > 0
   assert "with 8 JAX cpu device(s)" in text
@@ -95,13 +98,14 @@ def test_study_trains_skips_finished_runs_and_reports(tmp_path, mock_tfds, capsy
 
 def test_calibration_fits_the_slowest_variant_into_the_budget(monkeypatch):
   from mssar_jax import train  # pylint: disable=import-outside-toplevel
-  clock = iter([0.0, 100.0])                 # the 60-step calibration run takes 100 s ...
-  monkeypatch.setattr(study.time, "time", lambda: next(clock, 100.0))
+  clock = iter([0.0, 120.0])                 # the 60-step calibration run takes 120 s:
+  monkeypatch.setattr(study.time, "time", lambda: next(clock, 120.0))
   monkeypatch.setattr(train, "train_and_evaluate", lambda config, workdir: {"step": 60})
-  monkeypatch.setattr(study, "images_per_second", lambda workdir: 64.0)  # ... 60 of them training
+  monkeypatch.setattr(study, "images_per_second", lambda workdir: 64.0)   # 60 s training,
+  monkeypatch.setattr(study, "eval_seconds", lambda workdir, batch, ips: 20.0)  # 2 x 20 s eval
   steps = study.calibrate_steps(15, base="cifar10,cifar_resnet20", data_dir=None, overrides={},
                                 batch_size=64, calibration_steps=60, evals=4)
-  assert steps == 700    # 40 s fixed cost; (15 x 60 s - (4 evals + 1) x 40 s) x 64 img/s / 64
+  assert steps == 800    # 20 s one-off; (900 s - 20 s - 4 evals x 20 s) x 64 img/s / 64
 
 
 def test_command_helpers():
