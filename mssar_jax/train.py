@@ -144,7 +144,7 @@ def _mean_metrics(pending: list[dict], first_step: int) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in values])) for k in values[0]}
 
 
-def _meta(config, info) -> dict[str, Any]:
+def checkpoint_meta(config, info) -> dict[str, Any]:
   """What a checkpoint must agree on to be resumed (JSON-normalised)."""
   meta = {"model": config.model, "recalibration": config.recalibration,
           "dataset": config.dataset, "num_classes": info.num_classes,
@@ -211,7 +211,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
                                     async_save=config.async_checkpointing)
-  meta = _meta(config, info)
+  meta = checkpoint_meta(config, info)
   start_step, state = ckpt.restore_latest(abstract, meta)
   if start_step:
     logging.info("resumed from %s at step %d", ckpt.directory, start_step)

@@ -126,7 +126,7 @@ def load(workdir: str, step: int | None = None) -> Trained:
   ckpt = checkpointing.Checkpointer(workdir, keep=max(int(config.get("keep_checkpoints", 1)),
                                                       len(steps)), async_save=False)
   try:
-    state = ckpt.restore(step, abstract, train._meta(config, info))  # pylint: disable=protected-access
+    state = ckpt.restore(step, abstract, train.checkpoint_meta(config, info))
   finally:
     ckpt.close()
   variables = {"params": state.params}

@@ -100,7 +100,7 @@ def _restore(config, workdir, step):
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                           jax.eval_shape(init, jax.random.key(0)))
   with tfds_mock():
-    meta = train._meta(config, _info(config))  # pylint: disable=protected-access
+    meta = train.checkpoint_meta(config, _info(config))
   ckpt = checkpointing.Checkpointer(workdir, keep=10)
   try:
     return ckpt.restore(step, abstract, meta)

@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
     ckpt = checkpointing.Checkpointer(workdir, keep=2, async_save=False)
     abstract = jax.eval_shape(lambda: train.init_state(jax.random.key(0), model, tx, 32))
     for step in (1, 2):
-      ckpt.save(step, _fill(abstract, step), train._meta(c, info))  # pylint: disable=protected-access
+      ckpt.save(step, _fill(abstract, step), train.checkpoint_meta(c, info))
     ckpt.close()
     metrics_writer.write_config(workdir, c)
     out[recalibration] = workdir
