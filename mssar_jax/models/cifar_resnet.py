@@ -53,7 +53,7 @@ class BasicBlock(nn.Module):
     scale_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
     y = self.norm(scale_init=scale_init)(y)
     y = common.recalibrate(self.recalibration, y)
-    return nn.relu(y + option_a_shortcut(x, self.features, self.strides))
+    return common.materialize(nn.relu(y + option_a_shortcut(x, self.features, self.strides)))
 
 
 class CifarResNet(nn.Module):
@@ -106,7 +106,7 @@ class PreActBottleneck(nn.Module):
     y = self.conv(self.width, (3, 3), self.strides)(nn.relu(self.norm()(y)))
     y = self.conv(out_features, (1, 1))(nn.relu(self.norm()(y)))
     y = common.recalibrate(self.recalibration, y)
-    return y + shortcut
+    return common.materialize(y + shortcut)
 
 
 class CifarPreActResNet(nn.Module):

@@ -41,7 +41,7 @@ class Bottleneck(nn.Module):
     if self.project:
       shortcut = self.norm(name="proj_bn")(
           self.conv(out_features, (1, 1), self.strides, name="proj_conv")(x))
-    return nn.relu(y + shortcut)
+    return common.materialize(nn.relu(y + shortcut))
 
 
 class ResNet(nn.Module):
