@@ -7,9 +7,11 @@ average is taken over the pixels they actually cover.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -79,6 +81,8 @@ def cell_sum(x, s: int):
   gh, gw = grid_size(h, s), grid_size(w, s)
   if gh * s != h or gw * s != w:
     x = jnp.pad(x, ((0, 0), (0, gh * s - h), (0, gw * s - w), (0, 0)))
+  if s == 2:  # four strided slices: one elementwise pass on XLA:CPU, ~2x a reshape-reduce
+    return x[:, 0::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 0::2] + x[:, 1::2, 1::2]
   return x.reshape(n, gh, s, gw, s, c).sum(axis=(2, 4))
 
 
@@ -105,10 +109,34 @@ def multiply_by_cells(x, score, s: int):
   if s == 1:
     return x * score
   if h % s == 0 and w % s == 0:
-    gh, gw = h // s, w // s
-    out = x.reshape(n, gh, s, gw, s, c) * score[:, :, None, :, None, :]
-    return out.reshape(n, h, w, c)
+    return _multiply_by_cells(x, score, s)
   return x * upsample(score, s, h, w)
+
+
+def _multiply_cells_fwd_only(x, score, s):
+  n, h, w, c = x.shape
+  out = x.reshape(n, h // s, s, w // s, s, c) * score[:, :, None, :, None, :]
+  return out.reshape(n, h, w, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _multiply_by_cells(x, score, s):
+  return _multiply_cells_fwd_only(x, score, s)
+
+
+def _multiply_by_cells_fwd(x, score, s):
+  return _multiply_cells_fwd_only(x, score, s), (x, score)
+
+
+def _multiply_by_cells_bwd(s, res, dy):
+  # d score = CellSum_s(dy * x), via cell_sum (strided slices for s = 2) rather than the
+  # reshape-reduce that autodiff of the broadcast would give.
+  x, score = res
+  return (_multiply_cells_fwd_only(dy, score, s).astype(x.dtype),
+          cell_sum(dy * x, s).astype(score.dtype))
+
+
+_multiply_by_cells.defvjp(_multiply_by_cells_fwd, _multiply_by_cells_bwd)
 
 
 def common_base(scales: Sequence[int]) -> int:
