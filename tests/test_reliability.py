@@ -141,20 +141,21 @@ def test_sigterm_sigint_and_kill9_resume_to_the_uninterrupted_result(tmp_path):
 
   A signal must checkpoint exactly the step it stopped at (exit 0), and the next run resume
   there; a kill -9 resumes from the last committed checkpoint. The final parameters and
-  metrics.jsonl equal those of one uninterrupted run, bit for bit (same program, same devices,
-  XLA:CPU is deterministic).
+  metrics.jsonl equal those of one uninterrupted run, bit for bit (same program on one
+  device; XLA:CPU is deterministic). One device per run: it is the fastest here, and the
+  8-device equivalence is the subject of its own test.
   """
   config = tiny.tiny_cifar_config(**KILL_CONFIG)
   straight = str(tmp_path / "straight")
-  with tfds_mock():
-    expected = train.train_and_evaluate(config, straight)
+  _finish(_launch(straight, devices=1, overrides=KILL_CONFIG))
+  expected = json.load(open(os.path.join(straight, "result.json")))
 
   workdir = str(tmp_path / "interrupted")
   rng = random.Random(4)  # the "random" steps, reproducibly
   done = 0
   for how in ("SIGTERM", "SIGINT", "kill", "kill"):
     target = rng.randint(done + 1, done + 3)
-    proc = _launch(workdir, overrides=KILL_CONFIG, step_sleep=0.05)
+    proc = _launch(workdir, devices=1, overrides=KILL_CONFIG, step_sleep=0.2)
     _wait_for_step(proc, workdir, target)
     if how == "kill":
       proc.kill()  # SIGKILL: no handler runs
@@ -171,11 +172,11 @@ def test_sigterm_sigint_and_kill9_resume_to_the_uninterrupted_result(tmp_path):
     assert _last_logged_step(workdir) == stopped["step"]
     done = stopped["step"]
 
-  proc = _launch(workdir, overrides=KILL_CONFIG)
+  proc = _launch(workdir, devices=1, overrides=KILL_CONFIG)
   out, _ = _finish(proc)
   assert f"resuming at step {done}" in out
   got = json.load(open(os.path.join(workdir, "result.json")))
-  assert got == {k: v for k, v in expected.items()}
+  assert got == expected
   assert metrics_writer.read_metrics(workdir) == metrics_writer.read_metrics(straight)
   _assert_states_equal(_restore(config, straight, 16), _restore(config, workdir, 16))
 
@@ -354,7 +355,7 @@ def test_one_device_matches_eight_devices(tmp_path, eight_device_run):
 
 
 def test_two_processes_match_one_process(tmp_path):
-  """Two processes x 4 devices joined by jax.distributed (gloo CPU collectives) == one process
+  """Two processes x 1 device joined by jax.distributed (gloo CPU collectives) == one process
   x 8 devices, same global batches. Real CIFAR-10 slices: TFDS's mock data ignores the
   per-process eval splits, so only real files show that each test image counts once."""
   real = dict(EQUIV_CONFIG, data_dir=tiny.real_cifar10_dir(), train_split="train[:256]",
@@ -366,10 +367,10 @@ def test_two_processes_match_one_process(tmp_path):
     port = s.getsockname()[1]
   coordinator = f"localhost:{port}"
   multi = tmp_path / "multi"
-  procs = [_launch(multi, devices=4, overrides=real, process=(i, 2, coordinator))
+  procs = [_launch(multi, devices=1, overrides=real, process=(i, 2, coordinator))
            for i in range(2)]
   outs = [_finish(p) for p in procs]
-  assert "on 8 devices in 2 processes" in outs[0][0]
+  assert "on 2 devices in 2 processes" in outs[0][0]
   assert "done: step 6/6" in outs[0][0] and "done:" not in outs[1][0]  # process 0 reports
   result = json.load(open(multi / "result.json"))
   assert result["eval/num_examples"] == 100
