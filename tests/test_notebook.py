@@ -14,20 +14,14 @@ import sys
 
 import pytest
 
+from tests import tiny
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "mssar_cifar10.ipynb"
 
 
 def _data_dir():
-  value = os.environ.get("MSSAR_TFDS_DATA_DIR", "")
-  for path in ([pathlib.Path(value), ROOT / value] if value else []):
-    if (path / "cifar10").is_dir():
-      return str(path.resolve())
-  message = (f"real CIFAR-10 not found (MSSAR_TFDS_DATA_DIR={value!r}); set it to the TFDS "
-             "data_dir holding cifar10/, e.g. ../shared/data/tfds")
-  if os.environ.get("CI", "").lower() == "true":
-    pytest.fail(message)
-  pytest.skip(message)
+  return tiny.real_cifar10_dir()
 
 
 def test_notebook_is_committed_without_outputs():

@@ -16,7 +16,6 @@ Recalibration (if any) multiplies each layer's k new features before they are co
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
