@@ -378,6 +378,25 @@ def test_two_processes_match_one_process(tmp_path):
                    result, expected, num_examples=100)
 
 
+def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(tmp_path):
+  """Multi-host preemption: SIGTERM to one of two jax.distributed processes; JAX's preemption
+  sync point makes both checkpoint the same step and exit 0."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  config = dict(num_train_steps=40, log_every_steps=1, eval_every_steps=0,
+                checkpoint_every_steps=0)
+  procs = [_launch(tmp_path, devices=1, overrides=config, step_sleep=0.2,
+                   process=(i, 2, f"localhost:{port}")) for i in range(2)]
+  _wait_for_step(procs[0], tmp_path, 2)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [_finish(p) for p in procs]
+  stopped = json.load(open(tmp_path / "result.json"))
+  assert stopped["preempted"] and 2 <= stopped["step"] < 40
+  assert f"stopped by SIGTERM after step {stopped['step']}/40" in outs[0][0]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(stopped["step"])]
+
+
 # ---- 8: determinism ------------------------------------------------------------------------
 
 def test_same_config_and_seed_give_identical_metrics_file(tmp_path, eight_device_run):
