@@ -11,7 +11,7 @@ other processes hits all arms alike; the table reports medians over rounds, and 
 the medians of the per-round ratios. Wall time is what counts; process CPU time per step is
 reported too (less sensitive to other jobs on a shared machine).
 
-The train step is the trainer's: forward in train mode with BatchNorm updates, softmax
+The train step is the trainer's own ``train.train_step``: forward in train mode with BatchNorm updates, softmax
 cross-entropy, gradients, SGD momentum 0.9 with coupled weight decay 1e-4 (``optim``), state
 donated; one device. Eval is the inference forward pass. ``peak MB`` is XLA's buffer
 assignment for the compiled step (arguments + outputs + temporaries - aliased); the process
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import os
 import pathlib
@@ -44,6 +45,7 @@ import optax
 
 from mssar_jax import config_lib
 from mssar_jax import optim
+from mssar_jax import train as train_lib
 from mssar_jax.errors import ConfigError
 from mssar_jax.models import get_model, input_size, list_models
 
@@ -61,6 +63,19 @@ GOALS = {"ms_sar_train_ratio_max": 1.10, "ms_sar_params_overhead_max": 0.05,
 # ---------------------------------------------------------------------------------------------
 # JAX arms.
 
+def _trainer_step(model, num_classes: int):
+  """The trainer's own jitted train step (``train.train_step``: BatchNorm updates,
+  cross-entropy, SGD momentum 0.9 with weight decay 1e-4, donated state) and its optimiser."""
+  config = config_lib.base_config()
+  config.weight_decay, config.momentum, config.nesterov = 1e-4, 0.9, False
+  config.weight_decay_on_bn_and_bias = True
+  schedule = optax.constant_schedule(0.1)
+  tx = optim.make_optimizer(config, schedule)
+  step = functools.partial(train_lib.train_step, model=model, tx=tx, schedule=schedule,
+                           num_classes=num_classes, label_smoothing=0.0)
+  return jax.jit(step, donate_argnums=(0,)), tx
+
+
 class Arm:
   """One compiled (model, recalibration) train step and eval forward, timed on demand."""
 
@@ -70,38 +85,23 @@ class Arm:
     size = input_size(name)
     num_classes = 1000 if size == 224 else 10
     model = get_model(name, num_classes=num_classes, recalibration=recalibration, **model_kwargs)
-    config = config_lib.base_config()
-    config.weight_decay, config.momentum, config.nesterov = 1e-4, 0.9, False
-    config.weight_decay_on_bn_and_bias = True
-    tx = optim.make_optimizer(config, optax.constant_schedule(0.1))
-
-    def train_step(params, batch_stats, opt_state, images, labels):
-      def loss_fn(p):
-        logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, images,
-                                      train=True, mutable=["batch_stats"])
-        loss = optim.cross_entropy(logits, labels, num_classes).mean()
-        return loss, updates["batch_stats"]
-      (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), new_stats, opt_state, loss
+    train_step, tx = _trainer_step(model, num_classes)
 
     def eval_step(params, batch_stats, images):
       return model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
 
     rng = np.random.default_rng(seed)
-    self.images = jnp.asarray(rng.standard_normal((batch_size, size, size, 3), np.float32))
-    self.labels = jnp.asarray(rng.integers(0, num_classes, batch_size).astype(np.int32))
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)), train=False)
-    params, stats = variables["params"], variables.get("batch_stats", {})
-    self.params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    images = jnp.asarray(rng.standard_normal((batch_size, size, size, 3), np.float32))
+    labels = jnp.asarray(rng.integers(0, num_classes, batch_size).astype(np.int32))
+    self._batch = {"image": images, "label": labels}
+    state = train_lib.init_state(jax.random.key(seed), model, tx, size)
+    self.params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
     start = time.perf_counter()
-    lowered = jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(
-        params, stats, tx.init(params), self.images, self.labels)
-    self._train = lowered.compile()
+    self._train = train_step.lower(state, self._batch).compile()
     self.compile_seconds = time.perf_counter() - start
     self.peak_bytes = _peak_bytes(self._train)
-    self._eval = jax.jit(eval_step).lower(params, stats, self.images).compile()
-    self._state = [params, stats, tx.init(params)]
+    self._eval = jax.jit(eval_step).lower(state.params, state.batch_stats, images).compile()
+    self._state = state
     self.train_steps(1)  # first run: allocations, thread pools
     self.eval_steps(1)
 
@@ -109,15 +109,15 @@ class Arm:
     """Runs n train steps; returns (wall, cpu) seconds per step."""
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
-      *self._state, loss = self._train(*self._state, self.images, self.labels)
-    loss.block_until_ready()
+      self._state, metrics = self._train(self._state, self._batch)
+    metrics["train/loss"].block_until_ready()
     return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
 
   def eval_steps(self, n: int) -> tuple[float, float]:
-    params, stats = self._state[0], self._state[1]
+    params, stats = self._state.params, self._state.batch_stats
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
-      out = self._eval(params, stats, self.images)
+      out = self._eval(params, stats, self._batch["image"])
     out.block_until_ready()
     return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
 
@@ -136,25 +136,15 @@ def compile_seconds(name: str, recalibration: str, batch_size: int) -> tuple[flo
   (wall seconds, process CPU seconds). XLA compiles mostly on one thread, so on a loaded
   machine the wall time grows while the CPU time does not."""
   size = input_size(name)
-  model = get_model(name, num_classes=10 if size != 224 else 1000, recalibration=recalibration)
-  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
-  images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
-  labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  opt_state = jax.eval_shape(tx.init, variables["params"])
-
-  def step(params, stats, opt_state, x, y):
-    def loss_fn(p):
-      logits, upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
-                                mutable=["batch_stats"])
-      return optim.cross_entropy(logits, y, logits.shape[-1]).mean(), upd["batch_stats"]
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), stats, opt_state, loss
-
+  num_classes = 1000 if size == 224 else 10
+  model = get_model(name, num_classes=num_classes, recalibration=recalibration)
+  train_step, tx = _trainer_step(model, num_classes)
+  state = jax.eval_shape(functools.partial(train_lib.init_state, model=model, tx=tx,
+                                           image_size=size), jax.random.key(0))
+  batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+           "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   start, cpu = time.perf_counter(), time.process_time()
-  jax.jit(step, donate_argnums=(0, 1, 2)).lower(
-      variables["params"], variables["batch_stats"], opt_state, images, labels).compile()
+  train_step.lower(state, batch).compile()
   return time.perf_counter() - start, time.process_time() - cpu
 
 
