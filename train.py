@@ -8,6 +8,8 @@ Re-running the same command with the same --workdir resumes from its newest chec
 SIGTERM / Ctrl-C saves a checkpoint of the current step and exits with status 0. A bad
 config or a diverged run prints one line and exits with status 1.
 On a multi-host TPU slice, run the same command on every host with --multihost.
+On CPU it starts XLA with oneDNN convolutions (``mssar_jax.xla_flags``; $XLA_FLAGS overrides:
+--xla_cpu_experimental_onednn_custom_call=false turns them off).
 """
 
 import sys
@@ -31,6 +33,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep the console to the progress lines
+  from mssar_jax import xla_flags  # pylint: disable=import-outside-toplevel
+  xla_flags.add_xla_flags(xla_flags.FAST_CPU_FLAGS)  # before JAX's CPU backend exists
   import jax  # pylint: disable=import-outside-toplevel
   if _MULTIHOST.value:
     jax.distributed.initialize()

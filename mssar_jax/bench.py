@@ -46,16 +46,16 @@ import optax
 from mssar_jax import config_lib
 from mssar_jax import optim
 from mssar_jax import train as train_lib
+from mssar_jax import xla_flags
 from mssar_jax.errors import ConfigError
 from mssar_jax.models import get_model, input_size, list_models
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 TORCH_SCRIPT = _ROOT / "benchmarks" / "torch_resnet.py"
 DEFAULT_COMPILE = ("cifar_resnet110:ms_sar", "cifar_densenet_bc100:ms_sar")
-# XLA:CPU options that made the cifar_resnet20 train step ~8% faster on the benchmark machine
-# (oneDNN convolutions via custom calls; README "Performance"). Applied by ``main`` unless
-# --xla-flags says otherwise; they must be set before JAX creates its CPU backend.
-TUNED_XLA_FLAGS = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true"
+# The trainer's XLA:CPU options (oneDNN convolutions), applied by ``main`` unless --xla-flags
+# says otherwise; they must be set before JAX creates its CPU backend.
+TUNED_XLA_FLAGS = xla_flags.FAST_CPU_FLAGS
 GOALS = {"ms_sar_train_ratio_max": 1.10, "ms_sar_params_overhead_max": 0.05,
          "jax_over_torch_min": 1.0, "compile_seconds_max": 30.0, "pipeline_over_train_min": 5.0}
 
@@ -497,22 +497,10 @@ def parse_args(argv=None):
   return args
 
 
-def apply_xla_flags(flags: str) -> str:
-  """Appends ``flags`` to $XLA_FLAGS (skipping ones already set); returns the effective value.
-
-  Has an effect only if JAX's CPU backend does not exist yet (the first computation creates it).
-  """
-  current = os.environ.get("XLA_FLAGS", "")
-  names = {f.split("=")[0] for f in current.split()}
-  extra = [f for f in flags.split() if f.split("=")[0] not in names]
-  os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
-  return os.environ["XLA_FLAGS"]
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.xla_flags:
-    apply_xla_flags(args.xla_flags)
+    xla_flags.add_xla_flags(args.xla_flags)
   try:
     result = run(args)
   except ConfigError as e:
