@@ -53,9 +53,6 @@ from mssar_jax.models import get_model, input_size, list_models
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 TORCH_SCRIPT = _ROOT / "benchmarks" / "torch_resnet.py"
 DEFAULT_COMPILE = ("cifar_resnet110:ms_sar", "cifar_densenet_bc100:ms_sar")
-# The trainer's XLA:CPU options (oneDNN convolutions), applied by ``main`` unless --xla-flags
-# says otherwise; they must be set before JAX creates its CPU backend.
-TUNED_XLA_FLAGS = xla_flags.FAST_CPU_FLAGS
 GOALS = {"ms_sar_train_ratio_max": 1.10, "ms_sar_params_overhead_max": 0.05,
          "jax_over_torch_min": 1.0, "compile_seconds_max": 30.0, "pipeline_over_train_min": 5.0}
 
@@ -472,9 +469,9 @@ def parse_args(argv=None):
   parser.add_argument("--torch-python", default="", help="python of a venv with torch")
   parser.add_argument("--torch-model", default="cifar_resnet20")
   parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
-  parser.add_argument("--xla-flags", default=TUNED_XLA_FLAGS,
+  parser.add_argument("--xla-flags", default=xla_flags.FAST_CPU_FLAGS,
                       help="XLA flags added to $XLA_FLAGS before JAX starts ('' : none); "
-                           f"default: {TUNED_XLA_FLAGS}")
+                           f"default: {xla_flags.FAST_CPU_FLAGS}")
   parser.add_argument("--json", default="bench.json", help="where to write the JSON ('' : not)")
   parser.add_argument("--quick", action="store_true",
                       help="CI smoke run: cifar_resnet20, batch 32, 2 rounds x 1 step, "
