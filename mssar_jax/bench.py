@@ -49,6 +49,7 @@ from mssar_jax import train as train_lib
 from mssar_jax import xla_flags
 from mssar_jax.errors import ConfigError
 from mssar_jax.models import get_model, input_size, list_models
+from mssar_jax.native import onednn_conv
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 TORCH_SCRIPT = _ROOT / "benchmarks" / "torch_resnet.py"
@@ -227,6 +228,15 @@ def _median_ratio(a, b):
 
 def run(args) -> dict[str, Any]:
   """Builds the arms, alternates timing rounds, returns the JSON-able results."""
+  with onednn_conv.use(args.conv_impl):
+    return _run(args)
+
+
+def _run(args) -> dict[str, Any]:
+  conv_impl = onednn_conv.conv_impl()
+  print(f"bench: convolutions: {conv_impl}" + (
+      f" (oneDNN unavailable: {onednn_conv.unavailable_reason()})"
+      if onednn_conv.unavailable_reason() else ""), file=sys.stderr, flush=True)
   model_kwargs = dict(args.set)
   recals = [r for r in args.recalibrations.split(",") if r]
   if "none" not in recals:
@@ -247,6 +257,9 @@ def run(args) -> dict[str, Any]:
   if args.torch_python:
     if torch_model != args.model or model_kwargs:
       arms["jax_" + torch_model] = Arm(torch_model, "none", args.batch_size)
+    if conv_impl == "onednn":  # also time XLA's own convolutions against PyTorch
+      with onednn_conv.use("xla"):
+        arms["jax_" + torch_model + "_xla_conv"] = Arm(torch_model, "none", args.batch_size)
     torch_arm = TorchArm(args.torch_python, torch_depth, args.batch_size, args.torch_threads)
     arms["torch_" + torch_model] = torch_arm
     print(f"bench: PyTorch reference ready ({torch_arm.info})", file=sys.stderr, flush=True)
@@ -288,6 +301,7 @@ def run(args) -> dict[str, Any]:
       "settings": {"model": args.model, "model_kwargs": {k: repr(v) for k, v in model_kwargs.items()},
                    "batch_size": bs, "rounds": args.rounds, "steps_per_round": args.steps,
                    "devices": 1, "dtype": "float32", "compile_batch_size": args.compile_batch_size,
+                   "conv_impl": conv_impl, "onednn_unavailable": onednn_conv.unavailable_reason(),
                    "torch_threads": args.torch_threads if args.torch_python else None},
       "train": rows}
   if torch_arm is not None:
@@ -299,6 +313,13 @@ def run(args) -> dict[str, Any]:
         "jax_speed_over_torch": _median_ratio(wall[tk], wall[jk]),
         "jax_best_round_ms": 1e3 * min(wall[jk]), "torch_best_round_ms": 1e3 * min(wall[tk]),
         "jax_wall_seconds_per_round": wall[jk], "torch_wall_seconds_per_round": wall[tk]}
+    xk = "jax_" + torch_model + "_xla_conv"
+    if xk in arms:
+      result["torch"].update({
+          "jax_xla_conv_images_per_second": bs / statistics.median(wall[xk]),
+          "jax_xla_conv_speed_over_torch": _median_ratio(wall[tk], wall[xk]),
+          "onednn_conv_speed_over_xla_conv": _median_ratio(wall[xk], wall[jk]),
+          "jax_xla_conv_wall_seconds_per_round": wall[xk]})
     if args.eval:
       result["torch"].update({
           "jax_eval_images_per_second": bs / statistics.median(eval_wall[jk]),
@@ -395,10 +416,14 @@ def to_markdown(result) -> str:
   t = result.get("torch")
   if t:
     lines += ["", f"PyTorch {t['reference'].get('torch')} eager ({t['reference'].get('threads')} "
-              f"threads) vs JAX, {t['model']} train step, batch {s['batch_size']}, alternating:",
+              f"threads) vs JAX ({s.get('conv_impl', 'xla')} convolutions), {t['model']} train "
+              f"step, batch {s['batch_size']}, alternating:",
               "", "| | JAX img/s | PyTorch img/s | JAX speed / PyTorch |", "|---|---:|---:|---:|",
               f"| train | {t['jax_images_per_second']:.1f} | {t['torch_images_per_second']:.1f} | "
               f"{t['jax_speed_over_torch']:.2f}x |"]
+    if "jax_xla_conv_images_per_second" in t:
+      lines.append(f"| train, XLA's convolutions | {t['jax_xla_conv_images_per_second']:.1f} | "
+                   f"{t['torch_images_per_second']:.1f} | {t['jax_xla_conv_speed_over_torch']:.2f}x |")
     if "jax_eval_images_per_second" in t:
       lines.append(f"| eval | {t['jax_eval_images_per_second']:.1f} | "
                    f"{t['torch_eval_images_per_second']:.1f} | {t['jax_eval_speed_over_torch']:.2f}x |")
@@ -472,6 +497,9 @@ def parse_args(argv=None):
   parser.add_argument("--xla-flags", default=xla_flags.FAST_CPU_FLAGS,
                       help="XLA flags added to $XLA_FLAGS before JAX starts ('' : none); "
                            f"default: {xla_flags.FAST_CPU_FLAGS}")
+  parser.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"),
+                      help="convolutions of the JAX arms (native.onednn_conv; auto: oneDNN on "
+                           "one CPU device when installed)")
   parser.add_argument("--json", default="bench.json", help="where to write the JSON ('' : not)")
   parser.add_argument("--quick", action="store_true",
                       help="CI smoke run: cifar_resnet20, batch 32, 2 rounds x 1 step, "

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mssar_jax.native import onednn_conv
+
 ModuleDef = Any
 
 # He et al. (2015) initialisation, as in torchvision: N(0, 2 / fan_out).
@@ -25,13 +27,17 @@ def make_conv(dtype) -> Callable[..., nn.Conv]:
   """A Conv constructor: no bias, He init, float32 params, compute in ``dtype``.
 
   Padding defaults to k // 2 on each side (PyTorch's symmetric padding), so strided convs
-  see the same pixels as the published networks.
+  see the same pixels as the published networks. In float32 on a single CPU device the
+  convolutions call oneDNN directly when it is installed (``native.onednn_conv``: the same
+  function, faster gradients); elsewhere they are XLA's.
   """
   def conv(features, kernel_size=(3, 3), strides=(1, 1), padding=None, **kwargs):
     if padding is None:
       padding = [(k // 2, k // 2) for k in kernel_size]
     if isinstance(strides, int):
       strides = (strides, strides)
+    if jnp.dtype(dtype) == jnp.float32 and onednn_conv.conv_impl() == "onednn":
+      kwargs.setdefault("conv_general_dilated", onednn_conv.conv_general_dilated)
     return nn.Conv(features, kernel_size, strides=strides, padding=padding, use_bias=False,
                    kernel_init=he_normal, dtype=dtype, **kwargs)
   return conv

@@ -1,0 +1,127 @@
+"""oneDNN convolutions through XLA's FFI (mssar_jax.native.onednn_conv) against XLA's own."""
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mssar_jax.models import get_model
+from mssar_jax.native import onednn_conv
+
+_NHWC = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def require_onednn():
+  if not onednn_conv.available():
+    if os.environ.get("CI"):
+      pytest.fail(f"oneDNN convolutions unavailable in CI: {onednn_conv.unavailable_reason()}")
+    pytest.skip(f"oneDNN convolutions unavailable: {onednn_conv.unavailable_reason()}")
+
+
+def _conv_and_grads(conv_fn, x, w, strides, padding, dy):
+  def f(x, w):
+    return conv_fn(x, w, strides, padding, dimension_numbers=_NHWC)
+  y, vjp = jax.vjp(f, x, w)
+  return (y, *vjp(dy))
+
+
+# (batch, height, width, in, out, kernel, stride, padding): the zoo's convolutions (3x3 s1/s2,
+# the 3-channel stems, 1x1 projections, ImageNet's 7x7/2 stem) and odd, asymmetric cases.
+CASES = [
+    (4, 32, 32, 16, 16, 3, 1, ((1, 1), (1, 1))),
+    (4, 32, 32, 16, 32, 3, 2, ((1, 1), (1, 1))),
+    (4, 32, 32, 3, 16, 3, 1, ((1, 1), (1, 1))),
+    (4, 16, 16, 32, 64, 1, 2, ((0, 0), (0, 0))),
+    (2, 64, 64, 3, 8, 7, 2, ((3, 3), (3, 3))),
+    (3, 9, 11, 5, 7, 3, 2, ((0, 2), (1, 0))),
+    (2, 8, 8, 24, 12, 1, 1, ((0, 0), (0, 0))),
+]
+
+
+@pytest.mark.parametrize("n,h,w_,c,o,k,s,padding", CASES)
+def test_forward_and_gradients_equal_xla(n, h, w_, c, o, k, s, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((n, h, w_, c)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, c, o)), jnp.float32)
+  y_ref = jax.lax.conv_general_dilated(x, w, (s, s), padding, dimension_numbers=_NHWC)
+  dy = jnp.asarray(rng.standard_normal(y_ref.shape), jnp.float32)
+  ref = jax.jit(lambda x, w, dy: _conv_and_grads(jax.lax.conv_general_dilated, x, w, (s, s),
+                                                  padding, dy))(x, w, dy)
+  new = jax.jit(lambda x, w, dy: _conv_and_grads(onednn_conv.conv_general_dilated, x, w,
+                                                  (s, s), padding, dy))(x, w, dy)
+  hlo = jax.jit(lambda x, w, dy: _conv_and_grads(onednn_conv.conv_general_dilated, x, w,
+                                                  (s, s), padding, dy)).lower(x, w, dy).as_text()
+  assert hlo.count("mssar_onednn_conv_") == 3  # forward, input and weight gradients
+  for name, a, b in zip(("y", "dx", "dw"), ref, new):
+    assert a.shape == b.shape, name
+    scale = float(jnp.max(jnp.abs(a)))
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-5 * scale,
+                               err_msg=name)
+
+
+def test_other_convolutions_fall_back_to_xla():
+  x = jnp.ones((2, 8, 8, 4), jnp.float32)
+  w = jnp.ones((3, 3, 4, 4), jnp.float32)
+  for args, kwargs in [
+      ((x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), ((1, 1), (1, 1))), {}),
+      ((x, w, (1, 1), "SAME"), {}),
+      ((x, w, (1, 1), ((1, 1), (1, 1))), {"rhs_dilation": (2, 2)}),
+      ((x, jnp.ones((3, 3, 1, 4)), (1, 1), ((1, 1), (1, 1))), {"feature_group_count": 4}),
+  ]:
+    lhs, rhs, strides, padding = args
+    text = jax.jit(lambda lhs, rhs: onednn_conv.conv_general_dilated(
+        lhs, rhs, strides, padding, dimension_numbers=_NHWC, **kwargs)).lower(lhs, rhs).as_text()
+    assert "mssar_onednn_conv" not in text and "convolution" in text
+
+
+def _train_grads(impl, model, variables, images, labels):
+  with onednn_conv.use(impl):
+    def loss(params):
+      logits, _ = model.apply({**variables, "params": params}, images, train=True,
+                              mutable=["batch_stats"])
+      return -jnp.mean(jnp.take_along_axis(nn.log_softmax(logits), labels[:, None], 1))
+    return jax.jit(jax.value_and_grad(loss)).lower(variables["params"]), jax.jit(
+        jax.value_and_grad(loss))(variables["params"])
+
+
+@pytest.mark.parametrize("name,recalibration", [("cifar_resnet20", "ms_sar"),
+                                                ("cifar_densenet40", "se")])
+def test_model_gradients_equal_with_either_convolution(name, recalibration):
+  model = get_model(name, num_classes=10, recalibration=recalibration, depth=8 if
+                    name == "cifar_resnet20" else 10)
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.standard_normal((8, 32, 32, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 8))
+  variables = model.init(jax.random.key(0), images, train=False)
+  lowered_xla, (loss_xla, g_xla) = _train_grads("xla", model, variables, images, labels)
+  lowered_dnn, (loss_dnn, g_dnn) = _train_grads("onednn", model, variables, images, labels)
+  assert "mssar_onednn_conv" not in lowered_xla.as_text()
+  assert "mssar_onednn_conv" in lowered_dnn.as_text()
+  np.testing.assert_allclose(float(loss_dnn), float(loss_xla), rtol=1e-5)
+  for path, a in jax.tree_util.tree_leaves_with_path(g_xla):
+    b = g_dnn
+    for key in path:
+      b = b[key.key]
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0,
+                               atol=1e-4 * float(jnp.max(jnp.abs(a))) + 1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_auto_keeps_xla_convolutions_with_several_devices():
+  # The test session simulates 8 CPU devices (conftest): the custom call has no sharding
+  # rule, so 'auto' must keep XLA's convolutions there.
+  assert jax.device_count() > 1
+  with onednn_conv.use("auto"):
+    assert onednn_conv.conv_impl() == "xla"
+  with onednn_conv.use("onednn"):
+    assert onednn_conv.conv_impl() == "onednn"
+
+
+def test_unknown_impl_is_a_clear_error():
+  with pytest.raises(ValueError, match="one of"):
+    with onednn_conv.use("cudnn"):
+      pass
