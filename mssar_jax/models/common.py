@@ -1,7 +1,8 @@
 """Building blocks shared by the backbones: conv/norm constructors, the head, block stacking.
 
 Blocks receive ``conv`` and ``norm`` constructors (functools.partial of nn.Conv /
-nn.BatchNorm) from their network, so compute dtype, initialisers and train/eval mode are
+``batch_norm.BatchNorm``, nn.BatchNorm's function and variables with a cheaper gradient) from
+their network, so compute dtype, initialisers and train/eval mode are
 decided once. BatchNorm has no ``axis_name``: under ``jax.jit`` with a batch sharded over a
 device mesh its statistics are those of the global batch.
 """
@@ -15,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mssar_jax.models.batch_norm import BatchNorm
 from mssar_jax.native import onednn_conv
 
 ModuleDef = Any
@@ -43,9 +45,9 @@ def make_conv(dtype) -> Callable[..., nn.Conv]:
   return conv
 
 
-def make_norm(train: bool, dtype) -> Callable[..., nn.BatchNorm]:
+def make_norm(train: bool, dtype) -> Callable[..., BatchNorm]:
   """A BatchNorm constructor (momentum 0.9 = PyTorch's 0.1, eps 1e-5), stats in float32."""
-  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+  return functools.partial(BatchNorm, use_running_average=not train, momentum=0.9,
                            epsilon=1e-5, dtype=dtype)
 
 
