@@ -1,6 +1,8 @@
 """oneDNN convolutions through XLA's FFI (mssar_jax.native.onednn_conv) against XLA's own."""
 
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -125,3 +127,14 @@ def test_unknown_impl_is_a_clear_error():
   with pytest.raises(ValueError, match="one of"):
     with onednn_conv.use("cudnn"):
       pass
+
+
+def test_direct_call_in_a_fresh_process_registers_the_kernels():
+  # conv_nhwc used before anything asked conv_impl()/available() must still find its FFI
+  # targets (registered at trace time).
+  code = ("import jax.numpy as jnp; from mssar_jax.native import onednn_conv as c; "
+          "y = c.conv_nhwc(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 3)), (1, 1), "
+          "((1, 1), (1, 1))); print(float(y[0, 1, 1, 0]), float(y[0, 0, 0, 0]))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "XLA_FLAGS": ""})
+  assert out.stdout.split() == ["18.0", "8.0"]  # 3x3x2 ones inside, 2x2x2 at the corner

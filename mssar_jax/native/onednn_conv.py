@@ -155,6 +155,8 @@ def _attrs(strides, padding) -> dict:
 
 
 def _call(name, out_shape, a, b, strides, padding):
+  if not available():  # registers the FFI targets on first use
+    raise RuntimeError(f"oneDNN convolutions unavailable: {unavailable_reason()}")
   out = jax.ShapeDtypeStruct(out_shape, jnp.float32)
   return jax.ffi.ffi_call(f"mssar_onednn_conv_{name}", out)(a, b, **_attrs(strides, padding))
 
@@ -213,3 +215,4 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type)
+
