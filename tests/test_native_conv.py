@@ -132,9 +132,32 @@ def test_unknown_impl_is_a_clear_error():
 def test_direct_call_in_a_fresh_process_registers_the_kernels():
   # conv_nhwc used before anything asked conv_impl()/available() must still find its FFI
   # targets (registered at trace time).
+  # With one CPU device, 'auto' picks oneDNN.
   code = ("import jax.numpy as jnp; from mssar_jax.native import onednn_conv as c; "
           "y = c.conv_nhwc(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 3)), (1, 1), "
-          "((1, 1), (1, 1))); print(float(y[0, 1, 1, 0]), float(y[0, 0, 0, 0]))")
+          "((1, 1), (1, 1))); print(float(y[0, 1, 1, 0]), float(y[0, 0, 0, 0]), c.conv_impl())")
+  env = {**os.environ, "XLA_FLAGS": ""}
+  env.pop("MSSAR_CONV_IMPL", None)
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={**os.environ, "XLA_FLAGS": ""})
-  assert out.stdout.split() == ["18.0", "8.0"]  # 3x3x2 ones inside, 2x2x2 at the corner
+                       env=env)
+  assert out.stdout.split() == ["18.0", "8.0", "onednn"]  # 3x3x2 ones inside, 2x2x2 at a corner
+
+
+def test_forced_onednn_is_correct_on_a_sharded_batch():
+  # No sharding rule: XLA gathers the operands, so the results must still be exact.
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  rng = np.random.default_rng(2)
+  x = jax.device_put(jnp.asarray(rng.standard_normal((16, 8, 8, 4)), jnp.float32),
+                     NamedSharding(mesh, P("data")))
+  w = jax.device_put(jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32),
+                     NamedSharding(mesh, P()))
+
+  def grads(conv_fn):
+    def loss(x, w):
+      y = conv_fn(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+      return jnp.sum(jnp.sin(y))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+  for a, b in zip(grads(jax.lax.conv_general_dilated), grads(onednn_conv.conv_general_dilated)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0,
+                               atol=1e-5 * float(jnp.max(jnp.abs(a))))
