@@ -230,9 +230,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       f"{config.batch_size} images on {_plural(jax.device_count(), 'device')} in "
       f"{_plural(num_processes, 'process', 'processes')}, {info.steps_per_epoch * num_processes * local_batch // config.batch_size} "
       f"steps/epoch, {'resuming at step %d' % start_step if start_step else 'from scratch'}")
-  logging.info("convolutions: %s%s", onednn_conv.conv_impl(),
-               f" (oneDNN: {onednn_conv.unavailable_reason()})"
-               if onednn_conv.unavailable_reason() else "")
+  progress.print(f"convolutions: {onednn_conv.conv_impl()}" + (
+      f" (oneDNN unavailable: {onednn_conv.unavailable_reason()})"
+      if onednn_conv.unavailable_reason() else ""))
 
   train_data = input_pipeline.TrainData(config, builder, info, local_batch=local_batch,
                                         process_index=process, process_count=num_processes)

@@ -36,6 +36,8 @@ def test_cifar10_resnet20_ms_sar_learns(tmp_path):
       cwd=tiny.ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "on 1 device in 1 process" in proc.stdout
+  # One CPU device: the models' convolutions are oneDNN's (native.onednn_conv, CI installs it).
+  assert "convolutions: onednn" in proc.stdout, proc.stdout
   final = [line for line in proc.stdout.splitlines() if line.startswith("done: step 200/200")]
   assert final and "eval/accuracy" in final[0], proc.stdout
   records = metrics_writer.read_metrics(str(workdir))
