@@ -90,11 +90,12 @@ def _train_grads(impl, model, variables, images, labels):
         jax.value_and_grad(loss))(variables["params"])
 
 
-@pytest.mark.parametrize("name,recalibration", [("cifar_resnet20", "ms_sar"),
-                                                ("cifar_densenet40", "se")])
-def test_model_gradients_equal_with_either_convolution(name, recalibration):
-  model = get_model(name, num_classes=10, recalibration=recalibration, depth=8 if
-                    name == "cifar_resnet20" else 10)
+@pytest.mark.parametrize("name,recalibration,kwargs", [
+    ("cifar_resnet20", "ms_sar", {"depth": 8}),
+    ("cifar_resnet20", "none", {"depth": 14, "scan_blocks": True}),
+    ("cifar_densenet40", "se", {"depth": 10})])
+def test_model_gradients_equal_with_either_convolution(name, recalibration, kwargs):
+  model = get_model(name, num_classes=10, recalibration=recalibration, **kwargs)
   rng = np.random.default_rng(1)
   images = jnp.asarray(rng.standard_normal((8, 32, 32, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, 8))
