@@ -14,7 +14,8 @@ of the returned mean and var), computes
     dbias = sum(g),   dscale = r * sum(g * (x - mean))
     dx = a * g + (x - mean) * (2 gv / M - a * r * dscale / M) + (gm - a * dbias) / M
 
-i.e. one reduction pass and one elementwise pass. Statistics are float32 whatever ``dtype``;
+i.e. one reduction pass and one elementwise pass (the code forms sum(g * (x - mean)) as
+sum(g * x) - mean * sum(g), so no centred array is formed in the backward pass either). Statistics are float32 whatever ``dtype``;
 the running averages are updated as flax does (not during init).
 """
 

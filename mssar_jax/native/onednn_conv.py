@@ -10,11 +10,11 @@ oneDNN primitives called through XLA's FFI (``onednn_conv.cc``), with the exact 
     y[n, p, q, o] = sum_{kh, kw, i} x[n, p*s_h + kh - pad_top, q*s_w + kw - pad_left, i] w[kh, kw, i, o]
     dx = conv_transpose(dy, w),   dw[kh, kw, i, o] = sum_{n, p, q} x[n, p*s_h + kh - pad_top, ...] dy[n, p, q, o]
 
-(zero outside the image). Anything else (other dtypes, dilation, groups, string padding, a
-backend other than CPU) goes to ``lax.conv_general_dilated`` unchanged.
+(zero outside the image). Anything else (other dtypes, dilation, groups, string padding) goes
+to ``lax.conv_general_dilated`` unchanged.
 
 The shared library is compiled on first use with the system C++ compiler against the oneDNN
-wheel (``pip install onednn-cpu-gomp onednn-devel-cpu-gomp``, the ``[cpu-fast]`` extra) and
+wheels (``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, the ``[onednn]`` extra) and
 jaxlib's FFI headers, and cached under ``$MSSAR_JAX_CACHE`` (default ``~/.cache/mssar_jax``).
 If any of that is missing, ``available()`` is False, ``unavailable_reason()`` says why, and
 the models use XLA's convolutions.
@@ -62,7 +62,7 @@ def _onednn_dirs() -> tuple[Path, Path]:
     include, lib = Path(prefix) / "include", Path(prefix) / "lib"
     if (include / "oneapi" / "dnnl" / "dnnl.hpp").exists() and (lib / "libdnnl.so.3").exists():
       return include, lib
-  raise RuntimeError("oneDNN not found: pip install 'mssar-jax[cpu-fast]' "
+  raise RuntimeError("oneDNN not found: pip install -e '.[onednn]' "
                      "(onednn-cpu-gomp and onednn-devel-cpu-gomp)")
 
 
