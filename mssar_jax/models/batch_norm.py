@@ -22,11 +22,14 @@ the running averages are updated as flax does (not during init).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mssar_jax.recalibration import bn_fused
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -35,16 +38,8 @@ def batch_norm_train(x, scale, bias, epsilon: float, dtype):
   return _forward(x, scale, bias, epsilon, dtype)[0]
 
 
-def _stats(x):
-  axes = tuple(range(x.ndim - 1))
-  xf = x.astype(jnp.float32)
-  mean = jnp.mean(xf, axes)
-  var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
-  return mean, var
-
-
 def _forward(x, scale, bias, epsilon, dtype):
-  mean, var = _stats(x)
+  mean, var = bn_fused.batch_stats(x)
   r = jax.lax.rsqrt(var + epsilon)
   a = scale.astype(jnp.float32) * r
   y = ((x.astype(jnp.float32) - mean) * a + bias.astype(jnp.float32)).astype(dtype)
@@ -86,13 +81,33 @@ class BatchNorm(nn.Module):
   bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, pool_cell=None):
+    """BN(x); with ``pool_cell=(sh, sw)`` instead (m, a, b), all float32, where
+    BN(x) = x * a + b per channel and m is x averaged over sh x sw cells (so m * a + b is
+    BN(x) averaged over them).
+
+    The second form is for a recalibration that follows: it pools and gates with a and b
+    itself (``recalibration.bn_fused``), so BN(x) is never written to memory. H and W
+    must be multiples of the cell.
+    """
     features = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
     scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
     bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, scale)
+    if pool_cell is not None:
+      pool_cell = tuple(pool_cell)
+      if self.use_running_average:
+        mean, var = ra_mean.value, ra_var.value
+        means = bn_fused.cell_sum(x.astype(jnp.float32), pool_cell) / math.prod(pool_cell)
+      else:
+        means, mean, var = bn_fused.pool_and_stats(x, pool_cell)
+        if not self.is_initializing():
+          ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+          ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+      a = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+      return means, a, bias.astype(jnp.float32) - mean * a
     if self.use_running_average:
       mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
       y = (x.astype(jnp.float32) - ra_mean.value) * mul + bias

@@ -51,8 +51,7 @@ class BasicBlock(nn.Module):
     y = nn.relu(self.norm()(y))
     y = self.conv(self.features, (3, 3))(y)
     scale_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
-    y = self.norm(scale_init=scale_init)(y)
-    y = common.recalibrate(self.recalibration, y)
+    y = common.norm_recalibrate(self.norm, self.recalibration, y, scale_init=scale_init)
     return common.materialize(nn.relu(y + option_a_shortcut(x, self.features, self.strides)))
 
 

@@ -70,6 +70,19 @@ def materialize(x):
   return jax.lax.optimization_barrier(x)
 
 
+def norm_recalibrate(norm: ModuleDef, recalibration: ModuleDef | None, y, **norm_kwargs):
+  """recalibration(norm(y)): the block's last BatchNorm and its recalibration (if any).
+
+  The recalibration receives the BatchNorm module and applies it inside its own pooling and
+  gate (``recalibration.bn_fused``): the same function, without the normalised map in
+  memory. Variable names are those of norm then recalibration applied in turn.
+  """
+  bn = norm(**norm_kwargs)
+  if recalibration is None:
+    return bn(y)
+  return recalibration(name="recalibration")(y, norm=bn)
+
+
 def recalibrate(recalibration: ModuleDef | None, y):
   """Applies the block's recalibration module (named 'recalibration') if there is one."""
   if recalibration is None:

@@ -35,8 +35,8 @@ class Bottleneck(nn.Module):
     y = nn.relu(self.norm()(self.conv(self.width, (1, 1))(x)))
     y = nn.relu(self.norm()(self.conv(self.width, (3, 3), self.strides)(y)))
     scale_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
-    y = self.norm(scale_init=scale_init)(self.conv(out_features, (1, 1))(y))
-    y = common.recalibrate(self.recalibration, y)
+    y = common.norm_recalibrate(self.norm, self.recalibration,
+                                self.conv(out_features, (1, 1))(y), scale_init=scale_init)
     shortcut = x
     if self.project:
       shortcut = self.norm(name="proj_bn")(

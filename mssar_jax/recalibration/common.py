@@ -11,11 +11,46 @@ import functools
 import math
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mssar_jax.errors import ConfigError
+
+
+class DenseParams(nn.Module):
+  """The parameters of ``nn.Dense(features)`` ('kernel' (K, features), 'bias'), same names,
+  shapes and initialisers, returned instead of applied (for fused excitations)."""
+  features: int
+  param_dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, h):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (h.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    return kernel, bias
+
+
+def dense(v, kernel, bias, dtype):
+  """v kernel + bias over the last axis, computed in ``dtype`` (nn.Dense's maths)."""
+  v = v.astype(dtype)
+  y = jax.lax.dot_general(v, kernel.astype(dtype), (((v.ndim - 1,), (0,)), ((), ())))
+  return y + bias.astype(dtype)
+
+
+def dense_after_affine(m, a, b, kernel, bias, dtype):
+  """dense(m * a + b, kernel, bias) with the per-channel affine folded into the weights:
+  m (a kernel) + (b kernel + bias), so m * a + b is never formed at m's size."""
+  folded = a[:, None] * kernel.astype(jnp.float32)
+  shift = b @ kernel.astype(jnp.float32) + bias.astype(jnp.float32)
+  return dense(m, folded, shift, dtype)
+
+
+def excite(h, kernel, bias, dtype):
+  """sigmoid(relu(h) kernel + bias) computed in ``dtype``, as nn.Dense then sigmoid would."""
+  return jax.nn.sigmoid(dense(jax.nn.relu(h), kernel, bias, dtype))
 
 
 def reduced_channels(channels: int, reduction: float, min_channels: int) -> int:

@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mssar_jax.errors import ConfigError
-from mssar_jax.recalibration import common
+from mssar_jax.recalibration import bn_fused, common
 
 WEIGHTINGS = ("asymmetric", "symmetric", "positional")
 EVALUATIONS = ("pooled", "direct")
@@ -144,20 +144,55 @@ class MultiScaleSAR(nn.Module):
             f"use scales no larger than {min(height, width)}, e.g. scales={fits}.")
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, norm=None):
+    """Recalibrates x or, given the preceding BatchNorm module as ``norm``, norm(x).
+
+    With ``norm`` and the pooled evaluation, the normalisation is applied inside the pooling
+    and the gate (``bn_fused``): the same function, without norm(x) in memory.
+    """
     channels = common.check_input(x, "ms_sar")
     n, height, width_px, _ = x.shape
     scales = common.check_scales(self.scales, "ms_sar")
     self._check_map(height, width_px, scales)
     width = common.reduced_channels(channels, self.reduction, self.min_channels)
-    reduce, expand = self._dense(width, "reduce"), self._dense(channels, "expand")
+    reduce_params = common.DenseParams(width, param_dtype=self.param_dtype, name="reduce")
+    expand = common.DenseParams(channels, param_dtype=self.param_dtype, name="expand")
+    base = common.common_base(scales) if scales else None
+    cell = (base, base) if scales else (height, width_px)
+    fused = (norm is not None and self.evaluation == "pooled"
+             and bn_fused.supports(x.shape, cell))
+    if fused:
+      means, a, b = norm(x, pool_cell=cell)  # norm(x) = x a + b
+    elif norm is not None:
+      x = norm(x)
     x32 = x.astype(jnp.float32)
 
-    if not scales:  # SE exactly.
-      h = reduce(jnp.mean(x32, axis=(1, 2), keepdims=True).astype(self.dtype))
-      score = nn.sigmoid(expand(nn.relu(h)))
+    def reduce(v):  # W_r v + b_r (SE's squeeze)
+      return common.dense(v, *reduce_params(v), self.dtype)
+
+    def reduce_pooled():  # W_r CellMean_cell(input) + b_r
+      if fused:
+        kernel, bias = reduce_params(means)
+        return common.dense_after_affine(means, a, b, kernel, bias, self.dtype)
+      if not scales:
+        return reduce(jnp.mean(x32, axis=(1, 2), keepdims=True))
+      return reduce(common.cell_mean(x32, base))
+
+    def excite_and_gate(h):  # score = sigmoid(W_e relu(h) + b_e), then x * Up_cell(score)
+      kernel, bias = expand(h)
+      if fused:
+        f32 = lambda v: v.astype(jnp.float32)
+        out, score = bn_fused.excite_and_gate(x, a, b, f32(h), f32(kernel), f32(bias), cell)
+        self.sow("intermediates", "score", score)
+        return out
+      score = common.excite(h, kernel, bias, self.dtype)
       self.sow("intermediates", "score", score)
-      return x * score.astype(x.dtype)
+      if not scales or self.evaluation == "direct":  # score has x's (or a 1 x 1) grid
+        return x * score.astype(x.dtype)
+      return common.multiply_by_cells(x, score.astype(x.dtype), base)
+
+    if not scales:  # SE exactly.
+      return excite_and_gate(reduce_pooled())
 
     if self.evaluation == "direct":
       z = reduce(x.astype(self.dtype))
@@ -166,23 +201,18 @@ class MultiScaleSAR(nn.Module):
         ctx = self._context(common.cell_mean(z, s), s, width)
         self.sow("intermediates", f"scale_{s}", ctx)
         h = h + common.upsample(ctx, s, height, width_px)
-      score = nn.sigmoid(expand(nn.relu(h)))
-      self.sow("intermediates", "score", score)
-      return x * score.astype(x.dtype)
+      return excite_and_gate(h)
 
-    base = common.common_base(scales)
     n_b = jnp.asarray(common.cell_counts(height, width_px, base))[None, :, :, None]
-    z_b = reduce(common.cell_mean(x32, base).astype(self.dtype))  # = Pool_b(z)
+    z_b = reduce_pooled()  # = Pool_b(z)
     mass = z_b.astype(jnp.float32) * n_b
     h = (jnp.sum(mass, axis=(1, 2), keepdims=True) / (height * width_px)).astype(z_b.dtype)
     gh_b, gw_b = z_b.shape[1], z_b.shape[2]
     for s in scales:
       m = s // base
       n_s = jnp.asarray(common.cell_counts(height, width_px, s))[None, :, :, None]
-      pooled = (common.cell_sum(mass, m) / n_s).astype(z_b.dtype)  # = Pool_s(z)
-      ctx = self._context(pooled, s, width)
+      grid = (common.cell_sum(mass, m) / n_s).astype(z_b.dtype)  # = Pool_s(z)
+      ctx = self._context(grid, s, width)
       self.sow("intermediates", f"scale_{s}", ctx)
       h = h + common.upsample(ctx, m, gh_b, gw_b)
-    score = nn.sigmoid(expand(nn.relu(h)))  # on the b-grid
-    self.sow("intermediates", "score", score)
-    return common.multiply_by_cells(x, score.astype(x.dtype), base)
+    return excite_and_gate(h)  # the score is computed on the b-grid

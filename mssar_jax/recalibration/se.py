@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mssar_jax.recalibration import common
+from mssar_jax.recalibration import bn_fused, common
 
 
 class SqueezeExcite(nn.Module):
@@ -37,13 +37,26 @@ class SqueezeExcite(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, norm=None):
+    """Recalibrates x or, given the preceding BatchNorm module as ``norm``, norm(x) (fused:
+    the normalisation is applied inside the pooling and the gate, ``bn_fused``)."""
     channels = common.check_input(x, "se")
     width = common.reduced_channels(channels, self.reduction, self.min_channels)
-    dense = lambda features, name: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    g = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
-    h = dense(width, "reduce")(g)
-    score = nn.sigmoid(dense(channels, "expand")(nn.relu(h)))
+    reduce = common.DenseParams(width, param_dtype=self.param_dtype, name="reduce")
+    expand = common.DenseParams(channels, param_dtype=self.param_dtype, name="expand")
+    whole_map = tuple(x.shape[1:3])
+    if norm is not None:
+      means, a, b = norm(x, pool_cell=whole_map)  # norm(x) = x a + b
+      h = common.dense_after_affine(means, a, b, *reduce(means), self.dtype)
+    else:
+      g = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+      h = common.dense(g, *reduce(g), self.dtype)
+    kernel, bias = expand(h)
+    if norm is not None:
+      f32 = lambda v: v.astype(jnp.float32)
+      out, score = bn_fused.excite_and_gate(x, a, b, f32(h), f32(kernel), f32(bias), whole_map)
+      self.sow("intermediates", "score", score)
+      return out
+    score = common.excite(h, kernel, bias, self.dtype)
     self.sow("intermediates", "score", score)
     return x * score.astype(x.dtype)

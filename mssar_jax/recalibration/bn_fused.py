@@ -1,0 +1,134 @@
+"""A recalibration fused with the BatchNorm before it: the normalised map is never formed.
+
+A block's last BatchNorm is, per channel, y = x a + b (a = scale / sqrt(var + eps),
+b = bias - mean a, batch statistics of the conv output x). The recalibration pools y over
+cells of s x s pixels (MS-SAR: s = the gcd of its scales; SE: s = the whole map), computes
+one score per cell and returns y Up_s(score). Two functions with hand-written gradients do
+that from x, so y is never written to memory and the gradient makes the passes a BatchNorm
+alone would make (M elements per channel, n = s * s, CellSum over each cell):
+
+``pool_and_stats(x)`` -> (m, mean, var), m = CellSum(x) / n, so CellMean(y) = m a + b:
+
+    dx = Up(dm) / n + (dmean - 2 mean dvar) / M + x 2 dvar / M
+
+``excite_and_gate(x, a, b, h, W, c)`` -> out = y Up(s), s = sigmoid(relu(h) W + c) per cell:
+
+    dp = (CellSum(g y) + ds) s (1 - s)          (g = d out, ds = d score; one pass over the cells)
+    dh = [h > 0] dp W^T,  dW = relu(h)^T dp,  dc = sum dp
+    da = sum(g Up(s) x),  db = sum(g Up(s)),  dx = g Up(s) a
+
+Autodiff of the unfused version writes y, the upsampled score and the score's gradient at
+full resolution, and sums g Up(s) and g y separately.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _cells(x, cell):
+  """x (N, H, W, C) as (N, H/sh, sh, W/sw, sw, C)."""
+  n, h, w, c = x.shape
+  return x.reshape(n, h // cell[0], cell[0], w // cell[1], cell[1], c)
+
+
+def _up(grid, cell, shape):
+  """Nearest upsampling of grid (N, H/sh, W/sw, C) to ``shape`` (N, H, W, C)."""
+  n, gh, gw, c = grid.shape
+  return jnp.broadcast_to(grid[:, :, None, :, None, :], (n, gh, cell[0], gw, cell[1], c)).reshape(shape)
+
+
+def cell_sum(x, cell):
+  """Sum over each (sh, sw) cell of x (N, H, W, C), H and W multiples of the cell."""
+  sh, sw = cell
+  if (sh, sw) == (1, 1):
+    return x
+  if (sh, sw) == (2, 2):  # four strided slices: one elementwise pass on XLA:CPU
+    return x[:, 0::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 0::2] + x[:, 1::2, 1::2]
+  if (sh, sw) == tuple(x.shape[1:3]):
+    return jnp.sum(x, axis=(1, 2), keepdims=True)
+  return _cells(x, cell).sum(axis=(2, 4))
+
+
+def supports(shape, cell) -> bool:
+  """Whether the fused functions apply: the cells tile the (H, W) map exactly."""
+  return shape[1] % cell[0] == 0 and shape[2] % cell[1] == 0
+
+
+def batch_stats(x):
+  """Per-channel mean and (biased) variance over all axes but the last, float32.
+
+  The same operations as ``models.batch_norm`` (mean of x, mean of x^2 minus mean^2,
+  clipped at 0), so the running averages are the same numbers.
+  """
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axes)
+  var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+  return mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def pool_and_stats(x, cell):
+  """(CellMean_cell(x), mean, var): x's cell means and its per-channel batch statistics."""
+  return _pool_and_stats_fwd(x, cell)[0]
+
+
+def _pool_and_stats_fwd(x, cell):
+  mean, var = batch_stats(x)
+  means = cell_sum(x.astype(jnp.float32), cell) / (cell[0] * cell[1])
+  return (means, mean, var), (x, mean, var)
+
+
+def _pool_and_stats_bwd(cell, residuals, cotangents):
+  x, mean, var = residuals
+  d_means, d_mean, d_var = cotangents
+  m = x.size // x.shape[-1]
+  d_var = jnp.where(var > 0, d_var, 0.0)  # var was clipped at 0 there
+  dx = (_up(d_means / (cell[0] * cell[1]), cell, x.shape)
+        + x.astype(jnp.float32) * (2.0 * d_var / m) + (d_mean - 2.0 * mean * d_var) / m)
+  return (dx.astype(x.dtype),)
+
+
+pool_and_stats.defvjp(_pool_and_stats_fwd, _pool_and_stats_bwd)
+
+
+def _gate(x, a, b, score, cell):
+  y = x.astype(jnp.float32) * a + b
+  return (y * _up(score, cell, x.shape)).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def excite_and_gate(x, a, b, h, kernel, bias, cell):
+  """(out, score): score = sigmoid(relu(h) kernel + bias) per cell, out = (x a + b) Up(score).
+
+  x: (N, H, W, C); a, b: (C,), h: (N, H/sh, W/sw, K), kernel: (K, C), bias: (C,), all
+  float32 but x. ``out`` is in x's dtype, ``score`` in float32.
+  """
+  return _excite_and_gate_fwd(x, a, b, h, kernel, bias, cell)[0]
+
+
+def _excite_and_gate_fwd(x, a, b, h, kernel, bias, cell):
+  score = jax.nn.sigmoid(jnp.dot(jax.nn.relu(h), kernel) + bias)
+  return (_gate(x, a, b, score, cell), score), (x, a, b, h, kernel, score)
+
+
+def _excite_and_gate_bwd(cell, residuals, cotangents):
+  x, a, b, h, kernel, score = residuals
+  g, g_score = cotangents
+  g = g.astype(jnp.float32)
+  xf = x.astype(jnp.float32)
+  # d pre-sigmoid = (CellSum(g * (x a + b)) + d score) * s (1 - s): one loop over the cells.
+  dp = (cell_sum(g * (xf * a + b), cell) + g_score) * (score * (1.0 - score))
+  axes = tuple(range(h.ndim - 1))
+  dh = jnp.where(h > 0, jnp.dot(dp, kernel.T), 0.0)
+  dkernel = jnp.tensordot(jax.nn.relu(h), dp, axes=(axes, axes))
+  gs = g * _up(score, cell, x.shape)  # the cotangent of x a + b
+  da, db = jnp.sum(gs * xf, axes), jnp.sum(gs, axes)
+  return (gs * a).astype(x.dtype), da, db, dh, dkernel, jnp.sum(dp, axes)
+
+
+excite_and_gate.defvjp(_excite_and_gate_fwd, _excite_and_gate_bwd)
