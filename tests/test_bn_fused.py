@@ -121,6 +121,8 @@ def _small_bottleneck_resnet(recalibration, **kwargs):
     ("cifar_resnet20", "ms_sar", 32, {}),
     ("cifar_resnet20", "se", 32, {}),
     ("cifar_resnet20", "ms_sar", 32, {"scales": (4, 8)}),
+    ("cifar_resnet20", "ms_sar", 32, {"weighting": "positional", "scales": (2, 8)}),
+    ("cifar_resnet20", "ms_sar", 32, {"evaluation": "direct"}),   # not fused: norm(x) first
     ("bottleneck", "ms_sar", 64, {"scales": (2,)}),   # 16, 8, 4 and 2-pixel maps
     ("bottleneck", "ms_sar", 56, {"scales": (2,)}),   # a 7x7 map: the unfused fallback
     ("bottleneck", "se", 56, {}),
