@@ -13,12 +13,13 @@ alone would make (M elements per channel, n = s * s, CellSum over each cell):
 
 ``excite_and_gate(x, a, b, h, W, c)`` -> out = y Up(s), s = sigmoid(relu(h) W + c) per cell:
 
-    dp = (CellSum(g y) + ds) s (1 - s)          (g = d out, ds = d score; one pass over the cells)
+    Q1 = CellSum(g),  Q2 = CellSum(g x)           (g = d out; a quarter of g's size for 2x2)
+    dp = (a Q2 + b Q1 + ds) s (1 - s)             (ds = d score, dp = d(relu(h) W + c))
     dh = [h > 0] dp W^T,  dW = relu(h)^T dp,  dc = sum dp
-    da = sum(g Up(s) x),  db = sum(g Up(s)),  dx = g Up(s) a
+    da = sum(s Q2),  db = sum(s Q1),  dx = g Up(s a)
 
-Autodiff of the unfused version writes y, the upsampled score and the score's gradient at
-full resolution, and sums g Up(s) and g y separately.
+so the full-resolution work is two cell sums and dx. Autodiff of the unfused version writes
+y, the upsampled score and the score's gradient at full resolution, and sums them separately.
 """
 
 from __future__ import annotations
@@ -121,14 +122,15 @@ def _excite_and_gate_bwd(cell, residuals, cotangents):
   g, g_score = cotangents
   g = g.astype(jnp.float32)
   xf = x.astype(jnp.float32)
-  # d pre-sigmoid = (CellSum(g * (x a + b)) + d score) * s (1 - s): one loop over the cells.
-  dp = (cell_sum(g * (xf * a + b), cell) + g_score) * (score * (1.0 - score))
+  # Everything but dx from two cell sums (a quarter of the activations each for 2x2 cells).
+  q1, q2 = cell_sum(g, cell), cell_sum(g * xf, cell)
+  dp = (a * q2 + b * q1 + g_score) * (score * (1.0 - score))  # d pre-sigmoid
   axes = tuple(range(h.ndim - 1))
   dh = jnp.where(h > 0, jnp.dot(dp, kernel.T), 0.0)
   dkernel = jnp.tensordot(jax.nn.relu(h), dp, axes=(axes, axes))
-  gs = g * _up(score, cell, x.shape)  # the cotangent of x a + b
-  da, db = jnp.sum(gs * xf, axes), jnp.sum(gs, axes)
-  return (gs * a).astype(x.dtype), da, db, dh, dkernel, jnp.sum(dp, axes)
+  da, db = jnp.sum(score * q2, axes), jnp.sum(score * q1, axes)
+  dx = g * _up(score * a, cell, x.shape)
+  return dx.astype(x.dtype), da, db, dh, dkernel, jnp.sum(dp, axes)
 
 
 excite_and_gate.defvjp(_excite_and_gate_fwd, _excite_and_gate_bwd)
