@@ -32,6 +32,11 @@ each b-cell. So z, h and the score are computed on the b x b pooled map,
 
 and the score is upsampled once; only the final multiply runs at full resolution.
 ``evaluation='direct'`` runs the equations above literally at full resolution (reference).
+
+After a BatchNorm (``x = BN(conv) = conv * a + b``), a block passes the BatchNorm module as
+``norm`` and the pooled evaluation folds it in (``bn_fused``): Pool_b(x) W_r + b_r =
+Pool_b(conv) (diag(a) W_r) + (b W_r + b_r), and the gate is (conv * a + b) * Up_b(score),
+with hand-written gradients. The same function; the normalised map is never in memory.
 """
 
 from __future__ import annotations

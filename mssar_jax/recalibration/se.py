@@ -7,6 +7,9 @@ For x of shape (N, H, W, C) and bottleneck width C/r = max(min_channels, C // r)
     y     = x * score                                (one score per channel)
 
 Parameters: 2 * C * C/r + C/r + C.
+
+Given the preceding BatchNorm module as ``norm``, SE recalibrates norm(x) with the
+normalisation folded into its pooling and gate (``bn_fused``; same function).
 """
 
 from __future__ import annotations
