@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from mssar_jax.recalibration import bn_fused
+from mssar_jax.recalibration.common import cell_sum
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -100,7 +101,7 @@ class BatchNorm(nn.Module):
       pool_cell = tuple(pool_cell)
       if self.use_running_average:
         mean, var = ra_mean.value, ra_var.value
-        means = bn_fused.cell_sum(x.astype(jnp.float32), pool_cell) / math.prod(pool_cell)
+        means = cell_sum(x.astype(jnp.float32), pool_cell) / math.prod(pool_cell)
       else:
         means, mean, var = bn_fused.pool_and_stats(x, pool_cell)
         if not self.is_initializing():

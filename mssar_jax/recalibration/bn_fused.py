@@ -29,29 +29,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-
-def _cells(x, cell):
-  """x (N, H, W, C) as (N, H/sh, sh, W/sw, sw, C)."""
-  n, h, w, c = x.shape
-  return x.reshape(n, h // cell[0], cell[0], w // cell[1], cell[1], c)
+from mssar_jax.recalibration import common
 
 
 def _up(grid, cell, shape):
   """Nearest upsampling of grid (N, H/sh, W/sw, C) to ``shape`` (N, H, W, C)."""
-  n, gh, gw, c = grid.shape
-  return jnp.broadcast_to(grid[:, :, None, :, None, :], (n, gh, cell[0], gw, cell[1], c)).reshape(shape)
-
-
-def cell_sum(x, cell):
-  """Sum over each (sh, sw) cell of x (N, H, W, C), H and W multiples of the cell."""
-  sh, sw = cell
-  if (sh, sw) == (1, 1):
-    return x
-  if (sh, sw) == (2, 2):  # four strided slices: one elementwise pass on XLA:CPU
-    return x[:, 0::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 0::2] + x[:, 1::2, 1::2]
-  if (sh, sw) == tuple(x.shape[1:3]):
-    return jnp.sum(x, axis=(1, 2), keepdims=True)
-  return _cells(x, cell).sum(axis=(2, 4))
+  return common.upsample(grid, cell, shape[1], shape[2])
 
 
 def supports(shape, cell) -> bool:
@@ -60,10 +43,9 @@ def supports(shape, cell) -> bool:
 
 
 def batch_stats(x):
-  """Per-channel mean and (biased) variance over all axes but the last, float32.
-
-  The same operations as ``models.batch_norm`` (mean of x, mean of x^2 minus mean^2,
-  clipped at 0), so the running averages are the same numbers.
+  """Per-channel mean and (biased) variance over all axes but the last, float32: the mean
+  of x and the mean of x^2 minus mean^2, clipped at 0 (flax's BatchNorm's formula). Shared
+  with ``models.batch_norm``, so both paths give the same running averages.
   """
   axes = tuple(range(x.ndim - 1))
   xf = x.astype(jnp.float32)
@@ -80,7 +62,7 @@ def pool_and_stats(x, cell):
 
 def _pool_and_stats_fwd(x, cell):
   mean, var = batch_stats(x)
-  means = cell_sum(x.astype(jnp.float32), cell) / (cell[0] * cell[1])
+  means = common.cell_sum(x.astype(jnp.float32), cell) / (cell[0] * cell[1])
   return (means, mean, var), (x, mean, var)
 
 
@@ -102,13 +84,18 @@ def _gate(x, a, b, score, cell):
   return (y * _up(score, cell, x.shape)).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def excite_and_gate(x, a, b, h, kernel, bias, cell):
   """(out, score): score = sigmoid(relu(h) kernel + bias) per cell, out = (x a + b) Up(score).
 
-  x: (N, H, W, C); a, b: (C,), h: (N, H/sh, W/sw, K), kernel: (K, C), bias: (C,), all
-  float32 but x. ``out`` is in x's dtype, ``score`` in float32.
+  x: (N, H, W, C); a, b: (C,) float32; h: (N, H/sh, W/sw, K); kernel: (K, C); bias: (C,).
+  The excitation is computed in float32; ``out`` is in x's dtype, ``score`` in float32.
   """
+  f32 = lambda v: v.astype(jnp.float32)
+  return _excite_and_gate(x, a, b, f32(h), f32(kernel), f32(bias), tuple(cell))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _excite_and_gate(x, a, b, h, kernel, bias, cell):
   return _excite_and_gate_fwd(x, a, b, h, kernel, bias, cell)[0]
 
 
@@ -123,7 +110,7 @@ def _excite_and_gate_bwd(cell, residuals, cotangents):
   g = g.astype(jnp.float32)
   xf = x.astype(jnp.float32)
   # Everything but dx from two cell sums (a quarter of the activations each for 2x2 cells).
-  q1, q2 = cell_sum(g, cell), cell_sum(g * xf, cell)
+  q1, q2 = common.cell_sum(g, cell), common.cell_sum(g * xf, cell)
   dp = (a * q2 + b * q1 + g_score) * (score * (1.0 - score))  # d pre-sigmoid
   axes = tuple(range(h.ndim - 1))
   dh = jnp.where(h > 0, jnp.dot(dp, kernel.T), 0.0)
@@ -133,4 +120,4 @@ def _excite_and_gate_bwd(cell, residuals, cotangents):
   return dx.astype(x.dtype), da, db, dh, dkernel, jnp.sum(dp, axes)
 
 
-excite_and_gate.defvjp(_excite_and_gate_fwd, _excite_and_gate_bwd)
+_excite_and_gate.defvjp(_excite_and_gate_fwd, _excite_and_gate_bwd)

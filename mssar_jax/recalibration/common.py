@@ -108,17 +108,25 @@ def cell_counts(height: int, width: int, s: int) -> np.ndarray:
   return np.outer(along(height), along(width)).astype(np.float32)
 
 
-def cell_sum(x, s: int):
-  """Sum of x (N, H, W, C) over each s x s cell: (N, ceil(H/s), ceil(W/s), C)."""
-  if s == 1:
+def _pair(s):
+  return (s, s) if isinstance(s, (int, np.integer)) else tuple(s)
+
+
+def cell_sum(x, s):
+  """Sum of x (N, H, W, C) over each s x s cell (or sh x sw for s = (sh, sw)):
+  (N, ceil(H/sh), ceil(W/sw), C)."""
+  sh, sw = _pair(s)
+  if (sh, sw) == (1, 1):
     return x
   n, h, w, c = x.shape
-  gh, gw = grid_size(h, s), grid_size(w, s)
-  if gh * s != h or gw * s != w:
-    x = jnp.pad(x, ((0, 0), (0, gh * s - h), (0, gw * s - w), (0, 0)))
-  if s == 2:  # four strided slices: one elementwise pass on XLA:CPU, ~2x a reshape-reduce
+  gh, gw = grid_size(h, sh), grid_size(w, sw)
+  if gh * sh != h or gw * sw != w:
+    x = jnp.pad(x, ((0, 0), (0, gh * sh - h), (0, gw * sw - w), (0, 0)))
+  if (sh, sw) == (2, 2):  # four strided slices: one elementwise pass on XLA:CPU, ~2x a reshape-reduce
     return x[:, 0::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 0::2] + x[:, 1::2, 1::2]
-  return x.reshape(n, gh, s, gw, s, c).sum(axis=(2, 4))
+  if (gh, gw) == (1, 1):  # the whole map
+    return jnp.sum(x, axis=(1, 2), keepdims=True)
+  return x.reshape(n, gh, sh, gw, sw, c).sum(axis=(2, 4))
 
 
 def cell_mean(x, s: int):
@@ -129,13 +137,15 @@ def cell_mean(x, s: int):
   return cell_sum(x, s) / jnp.asarray(counts, x.dtype)[None, :, :, None]
 
 
-def upsample(g, s: int, height: int, width: int):
-  """Nearest upsampling: copies each cell of g (N, gh, gw, C) to its s x s pixels, cropped to (H, W)."""
-  if s == 1:
+def upsample(g, s, height: int, width: int):
+  """Nearest upsampling: copies each cell of g (N, gh, gw, C) to its s x s (or sh x sw) pixels,
+  cropped to (H, W)."""
+  sh, sw = _pair(s)
+  if (sh, sw) == (1, 1):
     return g[:, :height, :width]
   n, gh, gw, c = g.shape
-  g = jnp.broadcast_to(g[:, :, None, :, None, :], (n, gh, s, gw, s, c))
-  return g.reshape(n, gh * s, gw * s, c)[:, :height, :width]
+  g = jnp.broadcast_to(g[:, :, None, :, None, :], (n, gh, sh, gw, sw, c))
+  return g.reshape(n, gh * sh, gw * sw, c)[:, :height, :width]
 
 
 def multiply_by_cells(x, score, s: int):

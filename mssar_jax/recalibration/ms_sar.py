@@ -186,8 +186,7 @@ class MultiScaleSAR(nn.Module):
     def excite_and_gate(h):  # score = sigmoid(W_e relu(h) + b_e), then x * Up_cell(score)
       kernel, bias = expand(h)
       if fused:
-        f32 = lambda v: v.astype(jnp.float32)
-        out, score = bn_fused.excite_and_gate(x, a, b, f32(h), f32(kernel), f32(bias), cell)
+        out, score = bn_fused.excite_and_gate(x, a, b, h, kernel, bias, cell)
         self.sow("intermediates", "score", score)
         return out
       score = common.excite(h, kernel, bias, self.dtype)

@@ -56,8 +56,7 @@ class SqueezeExcite(nn.Module):
       h = common.dense(g, *reduce(g), self.dtype)
     kernel, bias = expand(h)
     if norm is not None:
-      f32 = lambda v: v.astype(jnp.float32)
-      out, score = bn_fused.excite_and_gate(x, a, b, f32(h), f32(kernel), f32(bias), whole_map)
+      out, score = bn_fused.excite_and_gate(x, a, b, h, kernel, bias, whole_map)
       self.sow("intermediates", "score", score)
       return out
     score = common.excite(h, kernel, bias, self.dtype)
