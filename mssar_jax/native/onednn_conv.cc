@@ -14,6 +14,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include <omp.h>
+
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -25,8 +27,10 @@ namespace {
 
 enum Kind : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
-// kind, N, H, W, C, O, KH, KW, OH, OW, sh, sw, pt, pb, pl, pr
-using Key = std::array<int64_t, 16>;
+constexpr double kSingleThreadFlops = 5e7;
+
+// kind, N, H, W, C, O, KH, KW, OH, OW, sh, sw, pt, pb, pl, pr, single-threaded
+using Key = std::array<int64_t, 17>;
 
 struct KeyHash {
   size_t operator()(const Key& k) const {
@@ -126,14 +130,25 @@ ffi::Error Run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   Key k;
   if (kind == kForward) {
     auto x = a.dimensions(), w = b.dimensions(), y = out->dimensions();
-    k = {kind, x[0], x[1], x[2], x[3], w[3], w[0], w[1], y[1], y[2], sh, sw, pt, pb, pl, pr};
+    k = {kind, x[0], x[1], x[2], x[3], w[3], w[0], w[1], y[1], y[2], sh, sw, pt, pb, pl, pr, 0};
   } else if (kind == kBackwardData) {
     auto dy = a.dimensions(), w = b.dimensions(), dx = out->dimensions();
-    k = {kind, dx[0], dx[1], dx[2], dx[3], w[3], w[0], w[1], dy[1], dy[2], sh, sw, pt, pb, pl, pr};
+    k = {kind, dx[0], dx[1], dx[2], dx[3], w[3], w[0], w[1], dy[1], dy[2], sh, sw, pt, pb, pl, pr, 0};
   } else {
     auto x = a.dimensions(), dy = b.dimensions(), dw = out->dimensions();
-    k = {kind, x[0], x[1], x[2], x[3], dw[3], dw[0], dw[1], dy[1], dy[2], sh, sw, pt, pb, pl, pr};
+    k = {kind, x[0], x[1], x[2], x[3], dw[3], dw[0], dw[1], dy[1], dy[2], sh, sw, pt, pb, pl, pr, 0};
   }
+  // Small convolutions run on the calling thread alone: XLA runs other thunks beside them,
+  // and an OpenMP team would wait for a core that is busy.
+  const double flops = 2.0 * k[1] * k[8] * k[9] * k[4] * k[5] * k[6] * k[7];
+  const bool single = flops < kSingleThreadFlops;
+  const int threads = omp_get_max_threads();
+  if (single) omp_set_num_threads(1);
+  struct Restore {
+    bool on; int n;
+    ~Restore() { if (on) omp_set_num_threads(n); }
+  } restore{single, threads};
+  k[16] = single;  // a plan is made for the thread count it runs with
   try {
     const Plan& plan = GetPlan(k);
     thread_local Scratch scratch;

@@ -88,7 +88,7 @@ def _build() -> Path:
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     out = Path(tmp) / target.name
-    cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}",
+    cmd = [compiler, "-O2", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-w", f"-I{include}",
            f"-I{ffi_include}", str(_SOURCE), "-o", str(out), f"-L{lib}", "-l:libdnnl.so.3",
            f"-Wl,-rpath,{lib}"]
     result = subprocess.run(cmd, capture_output=True, text=True)

@@ -47,6 +47,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mssar_jax.errors import ConfigError
+from mssar_jax.native import onednn_conv
 from mssar_jax.recalibration import bn_fused, common
 
 WEIGHTINGS = ("asymmetric", "symmetric", "positional")
@@ -121,8 +122,12 @@ class MultiScaleSAR(nn.Module):
     name = f"context_{s}"
     k = self.kernel_size
     if self.weighting == "asymmetric":
-      return nn.Conv(width, (k, k), padding="SAME", use_bias=False, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name=name)(grid)
+      conv_kwargs = {}
+      if jnp.dtype(self.dtype) == jnp.float32 and onednn_conv.conv_impl() == "onednn":
+        conv_kwargs["conv_general_dilated"] = onednn_conv.conv_general_dilated
+      r = k // 2  # SAME padding, explicit
+      return nn.Conv(width, (k, k), padding=((r, r), (r, r)), use_bias=False, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name=name, **conv_kwargs)(grid)
     if self.weighting == "symmetric":
       uniform = nn.avg_pool(grid, (k, k), strides=(1, 1), padding="SAME")
       return self._dense(width, name, use_bias=False)(uniform)
