@@ -33,11 +33,12 @@ def _conv_and_grads(conv_fn, x, w, strides, padding, dy):
 
 # (batch, height, width, in, out, kernel, stride, padding): the zoo's convolutions (3x3 s1/s2,
 # the 3-channel stems, 1x1 projections, ImageNet's 7x7/2 stem), MS-SAR's 4-channel context
-# convolution and odd, asymmetric cases. The first two run on oneDNN's OpenMP threads (over
-# 5e7 flops), the others on the calling thread alone.
+# convolution and odd, asymmetric cases. The first three (over 5e7 flops) are split by batch
+# over XLA's threads (an odd batch in the third), the others run as one chunk.
 CASES = [
     (32, 32, 32, 16, 16, 3, 1, ((1, 1), (1, 1))),
     (64, 16, 16, 32, 32, 3, 1, ((1, 1), (1, 1))),
+    (33, 32, 32, 16, 32, 3, 2, ((1, 1), (1, 1))),
     (16, 16, 16, 4, 4, 3, 1, ((1, 1), (1, 1))),
     (4, 32, 32, 16, 16, 3, 1, ((1, 1), (1, 1))),
     (4, 32, 32, 16, 32, 3, 2, ((1, 1), (1, 1))),

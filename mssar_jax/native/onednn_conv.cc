@@ -7,7 +7,15 @@
 //   MssarOnednnConvBackwardWeights dw = d/dw of <dy, y> (correlation of x with dy over n, p, q)
 // Each oneDNN primitive is created once per shape and kept; oneDNN chooses its own blocked
 // kernel layout ("any") and the kernel is reordered from / to HWIO around the call.
+// Threads: every oneDNN call runs on one thread (OpenMP teams of one). A convolution of 5e7
+// flops or more is split by batch into as many chunks as XLA's intra-op pool has threads;
+// the calling thread and tasks scheduled on that pool take the chunks in turn (the caller
+// runs whatever nobody has started), and the weight gradient adds the chunks' parts. An
+// OpenMP team beside XLA's own threads waited for cores busy with XLA's concurrent work.
 #include <array>
+#include <atomic>
+#include <string>
+#include <thread>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -27,10 +35,11 @@ namespace {
 
 enum Kind : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
-constexpr double kSingleThreadFlops = 5e7;
+// Convolutions with fewer flops run as one chunk on the calling thread.
+constexpr double kSplitFlops = 5e7;
 
-// kind, N, H, W, C, O, KH, KW, OH, OW, sh, sw, pt, pb, pl, pr, single-threaded
-using Key = std::array<int64_t, 17>;
+// kind, N (of the chunk), H, W, C, O, KH, KW, OH, OW, sh, sw, pt, pb, pl, pr
+using Key = std::array<int64_t, 16>;
 
 struct KeyHash {
   size_t operator()(const Key& k) const {
@@ -123,98 +132,153 @@ struct Scratch {
   }
 };
 
-ffi::Error Run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-               ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-               int64_t pl, int64_t pr) {
+// One convolution on samples [n0, n0 + nb) of the batch, on the calling thread's stream.
+// fwd: a = x, b = w, out = y;  bwd-data: a = dy, b = w, out = dx;  bwd-w: a = x, b = dy,
+// out = dw (HWIO) of these samples alone.
+void RunChunk(Kind kind, Key k, int64_t n0, int64_t nb, const float* a, const float* b,
+              float* out) {
+  const int64_t in_size = k[2] * k[3] * k[4], out_size = k[8] * k[9] * k[5];
+  k[1] = nb;
+  const Plan& plan = GetPlan(k);
+  thread_local Scratch scratch;
+  thread_local dnnl::stream stream(Engine());
+  dnnl::engine& eng = Engine();
+  memory pad(plan.scratchpad, eng, Scratch::Get(scratch.pad, plan.scratchpad.get_size()));
+  if (kind == kBackwardWeights) {
+    memory x(plan.src, eng, const_cast<float*>(a) + n0 * in_size);
+    memory dy(plan.dst, eng, const_cast<float*>(b) + n0 * out_size);
+    memory user_dw(plan.user_weights, eng, out);
+    memory dw = plan.needs_reorder
+        ? memory(plan.conv_weights, eng,
+                 Scratch::Get(scratch.weights, plan.conv_weights.get_size()))
+        : user_dw;
+    plan.conv.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy},
+                               {DNNL_ARG_DIFF_WEIGHTS, dw}, {DNNL_ARG_SCRATCHPAD, pad}});
+    if (plan.needs_reorder) {
+      plan.weights_reorder.execute(stream, {{DNNL_ARG_FROM, dw}, {DNNL_ARG_TO, user_dw}});
+    }
+  } else {
+    memory user_w(plan.user_weights, eng, const_cast<float*>(b));
+    memory w = user_w;
+    if (plan.needs_reorder) {
+      w = memory(plan.conv_weights, eng,
+                 Scratch::Get(scratch.weights, plan.conv_weights.get_size()));
+      plan.weights_reorder.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, w}});
+    }
+    if (kind == kForward) {
+      memory x(plan.src, eng, const_cast<float*>(a) + n0 * in_size);
+      memory y(plan.dst, eng, out + n0 * out_size);
+      plan.conv.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w},
+                                 {DNNL_ARG_DST, y}, {DNNL_ARG_SCRATCHPAD, pad}});
+    } else {
+      memory dy(plan.dst, eng, const_cast<float*>(a) + n0 * out_size);
+      memory dx(plan.src, eng, out + n0 * in_size);
+      plan.conv.execute(stream, {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, w},
+                                 {DNNL_ARG_DIFF_SRC, dx}, {DNNL_ARG_SCRATCHPAD, pad}});
+    }
+  }
+  stream.wait();
+}
+
+// A convolution split into batch chunks that the calling thread and XLA's intra-op threads
+// take in turn (the caller takes whatever no one else has started), each chunk on one thread.
+struct Split {
+  Kind kind;
+  Key key;
+  const float* a;
+  const float* b;
+  float* out;
+  int64_t batch, chunks, weights_size;
+  std::vector<float> partial;  // bwd-w: dw of chunks 1.. (chunk 0 writes out)
+  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<bool> failed{false};
+  std::string error;
+  std::mutex error_mutex;
+
+  void Work() {
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    for (int64_t i; (i = next.fetch_add(1)) < chunks;) {
+      const int64_t n0 = batch * i / chunks, n1 = batch * (i + 1) / chunks;
+      try {
+        float* dst = out;
+        if (kind == kBackwardWeights && i > 0) dst = partial.data() + (i - 1) * weights_size;
+        RunChunk(kind, key, n0, n1 - n0, a, b, dst);
+      } catch (const dnnl::error& e) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        failed = true;
+        error = e.what();
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+    omp_set_num_threads(threads);
+  }
+};
+
+ffi::Error Run(Kind kind, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
+               ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out, int64_t sh,
+               int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   // fwd: a = x, b = w, out = y;  bwd-data: a = dy, b = w, out = dx;  bwd-w: a = x, b = dy, out = dw.
   Key k;
   if (kind == kForward) {
     auto x = a.dimensions(), w = b.dimensions(), y = out->dimensions();
-    k = {kind, x[0], x[1], x[2], x[3], w[3], w[0], w[1], y[1], y[2], sh, sw, pt, pb, pl, pr, 0};
+    k = {kind, x[0], x[1], x[2], x[3], w[3], w[0], w[1], y[1], y[2], sh, sw, pt, pb, pl, pr};
   } else if (kind == kBackwardData) {
     auto dy = a.dimensions(), w = b.dimensions(), dx = out->dimensions();
-    k = {kind, dx[0], dx[1], dx[2], dx[3], w[3], w[0], w[1], dy[1], dy[2], sh, sw, pt, pb, pl, pr, 0};
+    k = {kind, dx[0], dx[1], dx[2], dx[3], w[3], w[0], w[1], dy[1], dy[2], sh, sw, pt, pb, pl, pr};
   } else {
     auto x = a.dimensions(), dy = b.dimensions(), dw = out->dimensions();
-    k = {kind, x[0], x[1], x[2], x[3], dw[3], dw[0], dw[1], dy[1], dy[2], sh, sw, pt, pb, pl, pr, 0};
+    k = {kind, x[0], x[1], x[2], x[3], dw[3], dw[0], dw[1], dy[1], dy[2], sh, sw, pt, pb, pl, pr};
   }
-  // Small convolutions run on the calling thread alone: XLA runs other thunks beside them,
-  // and an OpenMP team would wait for a core that is busy.
   const double flops = 2.0 * k[1] * k[8] * k[9] * k[4] * k[5] * k[6] * k[7];
-  const bool single = flops < kSingleThreadFlops;
-  const int threads = omp_get_max_threads();
-  if (single) omp_set_num_threads(1);
-  struct Restore {
-    bool on; int n;
-    ~Restore() { if (on) omp_set_num_threads(n); }
-  } restore{single, threads};
-  k[16] = single;  // a plan is made for the thread count it runs with
-  try {
-    const Plan& plan = GetPlan(k);
-    thread_local Scratch scratch;
-    thread_local dnnl::stream stream(Engine());
-    dnnl::engine& eng = Engine();
-    memory pad(plan.scratchpad, eng, Scratch::Get(scratch.pad, plan.scratchpad.get_size()));
-    if (kind == kBackwardWeights) {
-      memory x(plan.src, eng, a.typed_data());
-      memory dy(plan.dst, eng, b.typed_data());
-      memory user_dw(plan.user_weights, eng, out->typed_data());
-      memory dw = plan.needs_reorder
-          ? memory(plan.conv_weights, eng,
-                   Scratch::Get(scratch.weights, plan.conv_weights.get_size()))
-          : user_dw;
-      plan.conv.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy},
-                                 {DNNL_ARG_DIFF_WEIGHTS, dw}, {DNNL_ARG_SCRATCHPAD, pad}});
-      if (plan.needs_reorder) {
-        plan.weights_reorder.execute(stream, {{DNNL_ARG_FROM, dw}, {DNNL_ARG_TO, user_dw}});
-      }
-    } else {
-      memory user_w(plan.user_weights, eng, b.typed_data());
-      memory w = user_w;
-      if (plan.needs_reorder) {
-        w = memory(plan.conv_weights, eng,
-                   Scratch::Get(scratch.weights, plan.conv_weights.get_size()));
-        plan.weights_reorder.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, w}});
-      }
-      if (kind == kForward) {
-        memory x(plan.src, eng, a.typed_data());
-        memory y(plan.dst, eng, out->typed_data());
-        plan.conv.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w},
-                                   {DNNL_ARG_DST, y}, {DNNL_ARG_SCRATCHPAD, pad}});
-      } else {
-        memory dy(plan.dst, eng, a.typed_data());
-        memory dx(plan.src, eng, out->typed_data());
-        plan.conv.execute(stream, {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, w},
-                                   {DNNL_ARG_DIFF_SRC, dx}, {DNNL_ARG_SCRATCHPAD, pad}});
-      }
+  auto s = std::make_shared<Split>();
+  s->kind = kind;
+  s->key = k;
+  s->a = a.typed_data();
+  s->b = b.typed_data();
+  s->out = out->typed_data();
+  s->batch = k[1];
+  s->chunks = flops < kSplitFlops ? 1 : std::max<int64_t>(1, std::min(k[1], pool.num_threads()));
+  s->weights_size = k[4] * k[5] * k[6] * k[7];
+  if (kind == kBackwardWeights && s->chunks > 1) {
+    s->partial.assign((s->chunks - 1) * s->weights_size, 0.0f);
+  }
+  for (int64_t i = 1; i < s->chunks; ++i) pool.Schedule([s] { s->Work(); });
+  s->Work();
+  while (s->done.load(std::memory_order_acquire) < s->chunks) std::this_thread::yield();
+  if (s->failed) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "oneDNN convolution: " + s->error);
+  }
+  if (kind == kBackwardWeights) {  // the chunks' weight gradients add up
+    for (int64_t c = 1; c < s->chunks; ++c) {
+      const float* p = s->partial.data() + (c - 1) * s->weights_size;
+      for (int64_t j = 0; j < s->weights_size; ++j) s->out[j] += p[j];
     }
-    stream.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + e.what());
   }
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                    int64_t pb, int64_t pl, int64_t pr) {
-  return Run(kForward, x, w, y, sh, sw, pt, pb, pl, pr);
+  return Run(kForward, pool, x, w, y, sh, sw, pt, pb, pl, pr);
 }
-ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+ffi::Error BackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
                         int64_t pb, int64_t pl, int64_t pr) {
-  return Run(kBackwardData, dy, w, dx, sh, sw, pt, pb, pl, pr);
+  return Run(kBackwardData, pool, dy, w, dx, sh, sw, pt, pb, pl, pr);
 }
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+ffi::Error BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                            ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
                            int64_t pb, int64_t pl, int64_t pr) {
-  return Run(kBackwardWeights, x, dy, dw, sh, sw, pt, pb, pl, pr);
+  return Run(kBackwardWeights, pool, x, dy, dw, sh, sw, pt, pb, pl, pr);
 }
 
 }  // namespace
 
 #define MSSAR_CONV_BINDING                                                            \
   ffi::Ffi::Bind()                                                                    \
+      .Ctx<ffi::ThreadPool>()                                                         \
       .Arg<ffi::Buffer<ffi::F32>>()                                                   \
       .Arg<ffi::Buffer<ffi::F32>>()                                                   \
       .Ret<ffi::Buffer<ffi::F32>>()                                                   \
