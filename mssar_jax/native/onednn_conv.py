@@ -13,6 +13,11 @@ oneDNN primitives called through XLA's FFI (``onednn_conv.cc``), with the exact 
 (zero outside the image). Anything else (other dtypes, dilation, groups, string padding) goes
 to ``lax.conv_general_dilated`` unchanged.
 
+Threads: each oneDNN call runs on one thread. A convolution of 5e7 flops or more is split by
+batch into one chunk per thread of XLA's intra-op pool; the calling thread and tasks on that
+pool take the chunks in turn, and weight gradients add the chunks' parts. (oneDNN's OpenMP
+teams, beside XLA's own threads, waited for cores busy with XLA's concurrent work.)
+
 The shared library is compiled on first use with the system C++ compiler against the oneDNN
 wheels (``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, the ``[onednn]`` extra) and
 jaxlib's FFI headers, and cached under ``$MSSAR_JAX_CACHE`` (default ``~/.cache/mssar_jax``).
