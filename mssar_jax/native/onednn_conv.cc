@@ -14,6 +14,7 @@
 // OpenMP team beside XLA's own threads waited for cores busy with XLA's concurrent work.
 #include <array>
 #include <atomic>
+#include <exception>
 #include <string>
 #include <thread>
 #include <cstdint>
@@ -204,7 +205,7 @@ struct Split {
         float* dst = out;
         if (kind == kBackwardWeights && i > 0) dst = partial.data() + (i - 1) * weights_size;
         RunChunk(kind, key, n0, n1 - n0, a, b, dst);
-      } catch (const dnnl::error& e) {
+      } catch (const std::exception& e) {  // oneDNN's errors, allocation failures
         std::lock_guard<std::mutex> lock(error_mutex);
         failed = true;
         error = e.what();
