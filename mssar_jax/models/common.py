@@ -38,8 +38,7 @@ def make_conv(dtype) -> Callable[..., nn.Conv]:
       padding = [(k // 2, k // 2) for k in kernel_size]
     if isinstance(strides, int):
       strides = (strides, strides)
-    if jnp.dtype(dtype) == jnp.float32 and onednn_conv.conv_impl() == "onednn":
-      kwargs.setdefault("conv_general_dilated", onednn_conv.conv_general_dilated)
+    kwargs = {**onednn_conv.nn_conv_kwargs(dtype), **kwargs}
     return nn.Conv(features, kernel_size, strides=strides, padding=padding, use_bias=False,
                    kernel_init=he_normal, dtype=dtype, **kwargs)
   return conv

@@ -139,6 +139,14 @@ def conv_impl() -> str:
   return "onednn" if single_cpu and available() else "xla"
 
 
+def nn_conv_kwargs(dtype) -> dict:
+  """``{'conv_general_dilated': ...}`` for nn.Conv when float32 convolutions traced now use
+  oneDNN (``conv_impl()``), else ``{}`` (XLA's)."""
+  if jnp.dtype(dtype) == jnp.float32 and conv_impl() == "onednn":
+    return {"conv_general_dilated": conv_general_dilated}
+  return {}
+
+
 @contextlib.contextmanager
 def use(impl: str) -> Iterator[None]:
   """Within the block, models traced use ``impl`` ('auto', 'xla' or 'onednn') convolutions."""

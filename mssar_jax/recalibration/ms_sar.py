@@ -122,12 +122,10 @@ class MultiScaleSAR(nn.Module):
     name = f"context_{s}"
     k = self.kernel_size
     if self.weighting == "asymmetric":
-      conv_kwargs = {}
-      if jnp.dtype(self.dtype) == jnp.float32 and onednn_conv.conv_impl() == "onednn":
-        conv_kwargs["conv_general_dilated"] = onednn_conv.conv_general_dilated
-      r = k // 2  # SAME padding, explicit
+      r = k // 2  # SAME padding, explicit (the oneDNN kernels take explicit padding)
       return nn.Conv(width, (k, k), padding=((r, r), (r, r)), use_bias=False, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name=name, **conv_kwargs)(grid)
+                     param_dtype=self.param_dtype, name=name,
+                     **onednn_conv.nn_conv_kwargs(self.dtype))(grid)
     if self.weighting == "symmetric":
       uniform = nn.avg_pool(grid, (k, k), strides=(1, 1), padding="SAME")
       return self._dense(width, name, use_bias=False)(uniform)
