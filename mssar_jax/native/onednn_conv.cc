@@ -181,6 +181,9 @@ void RunChunk(Kind kind, Key k, int64_t n0, int64_t nb, const float* a, const fl
   stream.wait();
 }
 
+// How many calls were split into more than one chunk (read by the tests).
+std::atomic<int64_t> split_calls{0};
+
 // A convolution split into batch chunks that the calling thread and XLA's intra-op threads
 // take in turn (the caller takes whatever no one else has started), each chunk on one thread.
 struct Split {
@@ -244,6 +247,7 @@ ffi::Error Run(Kind kind, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   if (kind == kBackwardWeights && s->chunks > 1) {
     s->partial.assign((s->chunks - 1) * s->weights_size, 0.0f);
   }
+  if (s->chunks > 1) split_calls.fetch_add(1, std::memory_order_relaxed);
   for (int64_t i = 1; i < s->chunks; ++i) pool.Schedule([s] { s->Work(); });
   s->Work();
   while (s->done.load(std::memory_order_acquire) < s->chunks) std::this_thread::yield();
@@ -293,3 +297,5 @@ ffi::Error BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MssarOnednnConvForward, Forward, MSSAR_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MssarOnednnConvBackwardData, BackwardData, MSSAR_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MssarOnednnConvBackwardWeights, BackwardWeights, MSSAR_CONV_BINDING);
+
+extern "C" int64_t MssarOnednnConvSplitCalls() { return split_calls.load(); }

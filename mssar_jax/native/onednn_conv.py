@@ -55,6 +55,7 @@ _TARGETS = {
     "backward_weights": "MssarOnednnConvBackwardWeights",
 }
 _IMPLS = ("auto", "xla", "onednn")
+_library = None
 _impl = os.environ.get("MSSAR_CONV_IMPL", "auto")
 _unavailable_reason: str | None = None
 
@@ -107,7 +108,9 @@ def _build() -> Path:
 def _load() -> bool:
   global _unavailable_reason
   try:
-    library = ctypes.cdll.LoadLibrary(str(_build()))
+    global _library
+    library = _library = ctypes.cdll.LoadLibrary(str(_build()))
+    library.MssarOnednnConvSplitCalls.restype = ctypes.c_int64
     for name, symbol in _TARGETS.items():
       jax.ffi.register_ffi_target(f"mssar_onednn_conv_{name}",
                                   jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
@@ -115,6 +118,13 @@ def _load() -> bool:
     _unavailable_reason = str(e)
     return False
   return True
+
+
+def split_calls() -> int:
+  """How many calls so far were split by batch over XLA's threads (for tests)."""
+  if not available():
+    raise RuntimeError(f"oneDNN convolutions unavailable: {unavailable_reason()}")
+  return int(_library.MssarOnednnConvSplitCalls())
 
 
 def available() -> bool:
