@@ -8,7 +8,9 @@ Re-running the same command with the same --workdir resumes from its newest chec
 SIGTERM / Ctrl-C saves a checkpoint of the current step and exits with status 0. A bad
 config or a diverged run prints one line and exits with status 1.
 On a multi-host TPU slice, run the same command on every host with --multihost.
-On CPU it starts XLA with oneDNN convolutions (``mssar_jax.xla_flags``; $XLA_FLAGS overrides:
+On Linux (CPU-only JAX) it re-runs itself once with glibc malloc tunables that keep XLA's step
+buffers allocated between steps (``mssar_jax.malloc_tuning``; MSSAR_MALLOC_TUNING=0 turns that
+off). On CPU it starts XLA with oneDNN convolutions (``mssar_jax.xla_flags``; $XLA_FLAGS overrides:
 --xla_cpu_experimental_onednn_custom_call=false turns them off).
 """
 
@@ -50,4 +52,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from mssar_jax import malloc_tuning  # pylint: disable=g-import-not-at-top
+  malloc_tuning.reexec_with_tuned_malloc()  # XLA's step buffers reused (Linux, glibc)
   app.run(main)

@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 from mssar_jax import config_lib
+from mssar_jax import malloc_tuning
 from mssar_jax import optim
 from mssar_jax import train as train_lib
 from mssar_jax import xla_flags
@@ -392,7 +393,8 @@ def machine_info() -> dict[str, Any]:
     load = None
   return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average": load,
           "python": platform.python_version(), "jax": jax.__version__,
-          "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "malloc_tuned": malloc_tuning.active()}
 
 
 def to_markdown(result) -> str:
@@ -444,7 +446,8 @@ def to_markdown(result) -> str:
                      f"{v:.1f} s wall, {cc.get(k, float('nan')):.1f} s CPU" for k, v in c.items()]
   lines += ["", f"process max RSS: {result['max_rss_mb']:.0f} MB; machine: "
             f"{result['machine']['cpu']}, {result['machine']['cpu_count']} CPUs, load "
-            f"{_fmt_load(result['machine']['load_average'])}, jax {result['machine']['jax']}"]
+            f"{_fmt_load(result['machine']['load_average'])}, jax {result['machine']['jax']}, "
+            f"glibc malloc tuned {'yes' if result['machine'].get('malloc_tuned') else 'no'}"]
   g = result.get("goals")
   if g:
     lines += ["", "| goal | target | measured | met |", "|---|---|---:|---|"]
@@ -540,4 +543,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  malloc_tuning.reexec_with_tuned_malloc()  # measure the step as train.py runs it
   sys.exit(main())

@@ -35,18 +35,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mssar_jax.native import build
 
 _SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _TARGETS = {
@@ -72,36 +70,12 @@ def _onednn_dirs() -> tuple[Path, Path]:
                      "(onednn-cpu-gomp and onednn-devel-cpu-gomp)")
 
 
-def _cache_dir() -> Path:
-  root = os.environ.get("MSSAR_JAX_CACHE") or Path.home() / ".cache" / "mssar_jax"
-  return Path(root) / "native"
-
-
 def _build() -> Path:
   """Compiles onednn_conv.cc once per (source, jaxlib, oneDNN) and returns the .so path."""
   include, lib = _onednn_dirs()
-  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-  if compiler is None:
-    raise RuntimeError("no C++ compiler found (install g++ or set $CXX)")
-  ffi_include = jax.ffi.include_dir()
-  digest = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), ffi_include.encode(), str(include).encode(),
-               jax.__version__.encode(), (lib / "libdnnl.so.3").resolve().name.encode()):
-    digest.update(part)
-  target = _cache_dir() / f"libmssar_onednn_{digest.hexdigest()[:16]}.so"
-  if target.exists():
-    return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-    out = Path(tmp) / target.name
-    cmd = [compiler, "-O2", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-w", f"-I{include}",
-           f"-I{ffi_include}", str(_SOURCE), "-o", str(out), f"-L{lib}", "-l:libdnnl.so.3",
-           f"-Wl,-rpath,{lib}"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-      raise RuntimeError(f"compiling {_SOURCE.name} failed: {result.stderr.strip()[-500:]}")
-    os.replace(out, target)  # atomic: concurrent builders (pytest -n) each write their own tmp
-  return target
+  return build.build(_SOURCE, "libmssar_onednn", flags=["-O2", "-fopenmp", f"-I{include}"],
+                     link=[f"-L{lib}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib}"],
+                     extra_digest=[str(include), (lib / "libdnnl.so.3").resolve().name])
 
 
 @functools.cache

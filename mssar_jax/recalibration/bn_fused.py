@@ -20,6 +20,10 @@ alone would make (M elements per channel, n = s * s, CellSum over each cell):
 
 so the full-resolution work is two cell sums and dx. Autodiff of the unfused version writes
 y, the upsampled score and the score's gradient at full resolution, and sums them separately.
+
+On XLA:CPU with one device, 2x2 cells and float32 (``native.gate_kernels.usable``) the
+forward pooling + statistics, the excitation, and everything in the backward but dx run as
+hand-written kernels, one pass each; the jnp code below is the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mssar_jax.native import gate_kernels
 from mssar_jax.recalibration import common
 
 
@@ -61,8 +66,11 @@ def pool_and_stats(x, cell):
 
 
 def _pool_and_stats_fwd(x, cell):
-  mean, var = batch_stats(x)
-  means = common.cell_sum(x.astype(jnp.float32), cell) / (cell[0] * cell[1])
+  if gate_kernels.usable(x, cell):
+    means, mean, var = gate_kernels.pool_stats(x)
+  else:
+    mean, var = batch_stats(x)
+    means = common.cell_sum(x.astype(jnp.float32), cell) / (cell[0] * cell[1])
   return (means, mean, var), (x, mean, var)
 
 
@@ -77,6 +85,36 @@ def _pool_and_stats_bwd(cell, residuals, cotangents):
 
 
 pool_and_stats.defvjp(_pool_and_stats_fwd, _pool_and_stats_bwd)
+
+
+def squeeze(means, a, b, kernel, bias, dtype):
+  """dense(means a + b, kernel, bias): the squeeze on the cells' means of y = x a + b.
+
+  With the kernels (``gate_kernels.usable``) a hand-written forward and backward
+  (dm = (dz W^T) a, dW = (m a + b)^T dz, da = sum m (dz W^T), db = sum dz W^T, dc = sum dz);
+  else ``common.dense_after_affine`` and autodiff.
+  """
+  if jnp.dtype(dtype) == jnp.float32 and gate_kernels.usable(means):
+    return _squeeze(means, a, b, kernel.astype(jnp.float32), bias.astype(jnp.float32))
+  return common.dense_after_affine(means, a, b, kernel, bias, dtype)
+
+
+@jax.custom_vjp
+def _squeeze(means, a, b, kernel, bias):
+  return gate_kernels.squeeze(means, a, b, kernel, bias)
+
+
+def _squeeze_fwd(means, a, b, kernel, bias):
+  return _squeeze(means, a, b, kernel, bias), (means, a, b, kernel)
+
+
+def _squeeze_bwd(residuals, dz):
+  means, a, b, kernel = residuals
+  dm, dkernel, dbias, da, db = gate_kernels.squeeze_backward(means, a, b, kernel, dz)
+  return dm, da, db, dkernel, dbias
+
+
+_squeeze.defvjp(_squeeze_fwd, _squeeze_bwd)
 
 
 def _gate(x, a, b, score, cell):
@@ -100,7 +138,10 @@ def _excite_and_gate(x, a, b, h, kernel, bias, cell):
 
 
 def _excite_and_gate_fwd(x, a, b, h, kernel, bias, cell):
-  score = jax.nn.sigmoid(jnp.dot(jax.nn.relu(h), kernel) + bias)
+  if gate_kernels.usable(x, cell):
+    score = gate_kernels.excite(h, kernel, bias)
+  else:
+    score = jax.nn.sigmoid(jnp.dot(jax.nn.relu(h), kernel) + bias)
   return (_gate(x, a, b, score, cell), score), (x, a, b, h, kernel, score)
 
 
@@ -108,6 +149,10 @@ def _excite_and_gate_bwd(cell, residuals, cotangents):
   x, a, b, h, kernel, score = residuals
   g, g_score = cotangents
   g = g.astype(jnp.float32)
+  dx = g * _up(score * a, cell, x.shape)
+  if gate_kernels.usable(x, cell):
+    dh, dkernel, dbias, da, db = gate_kernels.gate_backward(g, x, a, b, h, kernel, score, g_score)
+    return dx.astype(x.dtype), da, db, dh, dkernel, dbias
   xf = x.astype(jnp.float32)
   # Everything but dx from two cell sums (a quarter of the activations each for 2x2 cells).
   q1, q2 = common.cell_sum(g, cell), common.cell_sum(g * xf, cell)
@@ -116,7 +161,6 @@ def _excite_and_gate_bwd(cell, residuals, cotangents):
   dh = jnp.where(h > 0, jnp.dot(dp, kernel.T), 0.0)
   dkernel = jnp.tensordot(jax.nn.relu(h), dp, axes=(axes, axes))
   da, db = jnp.sum(score * q2, axes), jnp.sum(score * q1, axes)
-  dx = g * _up(score * a, cell, x.shape)
   return dx.astype(x.dtype), da, db, dh, dkernel, jnp.sum(dp, axes)
 
 

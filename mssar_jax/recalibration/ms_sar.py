@@ -181,7 +181,7 @@ class MultiScaleSAR(nn.Module):
     def reduce_pooled():  # W_r CellMean_cell(input) + b_r
       if fused:
         kernel, bias = reduce_params(means)
-        return common.dense_after_affine(means, a, b, kernel, bias, self.dtype)
+        return bn_fused.squeeze(means, a, b, kernel, bias, self.dtype)
       if not scales:
         return reduce(jnp.mean(x32, axis=(1, 2), keepdims=True))
       return reduce(common.cell_mean(x32, base))

@@ -50,7 +50,7 @@ class SqueezeExcite(nn.Module):
     whole_map = tuple(x.shape[1:3])
     if norm is not None:
       means, a, b = norm(x, pool_cell=whole_map)  # norm(x) = x a + b
-      h = common.dense_after_affine(means, a, b, *reduce(means), self.dtype)
+      h = bn_fused.squeeze(means, a, b, *reduce(means), self.dtype)
     else:
       g = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
       h = common.dense(g, *reduce(g), self.dtype)
