@@ -68,21 +68,27 @@ def unavailable_reason() -> str | None:
   return _unavailable_reason
 
 
-def usable(x, cell=(1, 1)) -> bool:
-  """Whether bn_fused uses the kernels on x (N, H, W, C) with these cells, if traced now:
-  float32, C a multiple of 16 up to 256, H and W multiples of the cells, and the cells 2x2
-  (the gate) or 1x1 (the squeeze, on the cells' means)."""
+def enabled() -> bool:
+  """Whether models traced now use the kernels where their shapes allow (mode, backend,
+  device count and the library; see the module doc)."""
   if _mode not in _MODES:
     raise ValueError(f"MSSAR_GATE_KERNELS must be one of {_MODES}, got {_mode!r}")
-  c = x.shape[-1]
-  shapes = (tuple(cell) in ((2, 2), (1, 1)) and x.ndim == 4 and x.dtype == jnp.float32
-            and c % 16 == 0 and c <= 256 and x.shape[1] % cell[0] == 0
-            and x.shape[2] % cell[1] == 0)
-  if _mode == "off" or not shapes:
+  if _mode == "off":
     return False
   if _mode == "auto" and (jax.default_backend() != "cpu" or jax.device_count() != 1):
     return False
   return available()
+
+
+def usable(x, cell=(1, 1)) -> bool:
+  """Whether bn_fused uses the kernels on x (N, H, W, C) with these cells, if traced now:
+  float32, C a multiple of 16 up to 256, H and W multiples of the cells, and the cells 2x2
+  (the gate) or 1x1 (the squeeze, on the cells' means)."""
+  c = x.shape[-1]
+  shapes = (tuple(cell) in ((2, 2), (1, 1)) and x.ndim == 4 and x.dtype == jnp.float32
+            and c % 16 == 0 and c <= 256 and x.shape[1] % cell[0] == 0
+            and x.shape[2] % cell[1] == 0)
+  return shapes and enabled()
 
 
 @contextlib.contextmanager
@@ -132,3 +138,4 @@ def gate_backward(g, x, a, b, h, kernel, score, g_score):
   """(dh, dkernel, dbias, da, db) of bn_fused's gate on 2x2 cells, all but dx (see .cc)."""
   outs = (_f32(h.shape), _f32(kernel.shape), _f32(a.shape), _f32(a.shape), _f32(a.shape))
   return jax.ffi.ffi_call("mssar_gate_GateBackward", outs)(g, x, a, b, h, kernel, score, g_score)
+
