@@ -5,8 +5,8 @@ memory, the CIFAR-10 input pipeline, and (optionally) a PyTorch reference, in on
     python -m mssar_jax.bench --torch-python /work/torch_venv/bin/python --compile
     python -m mssar_jax.bench --quick                          # CI smoke run (< 2 minutes)
 
-Everything that is compared is measured side by side: every round times ``--steps`` train
-steps of each arm in turn (none, se, ms_sar, the PyTorch subprocess, ...), so load from
+Everything that is compared is measured side by side: after one untimed round, every round
+times ``--steps`` train steps of each arm in turn (none, se, ms_sar, the PyTorch subprocess, ...), so load from
 other processes hits all arms alike; the table reports medians over rounds, and ratios are
 the medians of the per-round ratios. Wall time is what counts; process CPU time per step is
 reported too (less sensitive to other jobs on a shared machine).
@@ -269,6 +269,12 @@ def _run(args) -> dict[str, Any]:
   cpu = {k: [] for k in arms}
   eval_wall = {k: [] for k in arms}
   order = list(arms)
+  # One untimed round first: with every arm's buffers alive, the allocator's heap settles
+  # (the first round was up to 2x slower for whichever arms ran first).
+  for k in order:
+    arms[k].train_steps(1)
+    if args.eval:
+      arms[k].eval_steps(1)
   for i in range(args.rounds):
     # Alternate the order every round too, so no arm always follows the same one.
     for k in (order if i % 2 == 0 else order[::-1]):

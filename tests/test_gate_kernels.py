@@ -157,4 +157,3 @@ def test_squeeze_and_its_gradients_equal_jnp(shape):
   _close(on[0], off[0], 1e-6)
   for got, want in zip(on[1], off[1]):
     _close(got, want, 2e-5)
-
