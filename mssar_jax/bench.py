@@ -19,6 +19,9 @@ maximum RSS is reported once. The PyTorch reference (``benchmarks/torch_resnet.p
 the interpreter given by ``--torch-python``; torch is never imported here) is the same
 CIFAR ResNet train step, eager, with ``--torch-threads`` threads (default: the CPU count,
 which is what XLA:CPU uses). Output: a markdown table on stdout, JSON in ``--json``.
+Run as a program it first re-runs itself with the trainer's glibc malloc tunables
+(``malloc_tuning``; the PyTorch subprocess inherits them), so it times the step as
+``train.py`` runs it.
 """
 
 from __future__ import annotations
