@@ -26,7 +26,7 @@ def test_quick_bench_on_a_tiny_network(tmp_path, capsys):
     assert row["train_images_per_second"] > 0 and row["compile_seconds"] > 0
   assert rows["none"]["params"] < rows["se"]["params"] < rows["ms_sar"]["params"]
   assert rows["none"]["train_ratio_vs_none"] == 1.0
-  assert result["settings"]["batch_size"] == 8 and result["settings"]["rounds"] == 2
+  assert result["settings"]["batch_size"] == 8 and result["settings"]["rounds"] == 3
   assert set(result["goals"]) >= {"ms_sar_train_ratio", "ms_sar_params_overhead"}
 
 
