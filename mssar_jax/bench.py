@@ -6,9 +6,9 @@ memory, the CIFAR-10 input pipeline, and (optionally) a PyTorch reference, in on
     python -m mssar_jax.bench --quick                          # CI smoke run (< 2 minutes)
 
 Everything that is compared is measured side by side: after one untimed round, every round
-times ``--steps`` train steps of each arm in turn (none, se, ms_sar, the PyTorch subprocess, ...), so load from
-other processes hits all arms alike; the table reports medians over rounds, and ratios are
-the medians of the per-round ratios. Wall time is what counts; process CPU time per step is
+times ``--steps`` train steps of each arm in turn (none, se, ms_sar, the PyTorch subprocess,
+...), so load from other processes hits all arms alike; the table reports medians over
+rounds, and ratios are the medians of the per-round ratios. Wall time is what counts; process CPU time per step is
 reported too (less sensitive to other jobs on a shared machine).
 
 The train step is the trainer's own ``train.train_step``: forward in train mode with BatchNorm updates, softmax
@@ -272,8 +272,9 @@ def _run(args) -> dict[str, Any]:
   cpu = {k: [] for k in arms}
   eval_wall = {k: [] for k in arms}
   order = list(arms)
-  # One untimed round first: with every arm's buffers alive, the allocator's heap settles
-  # (the first round was up to 2x slower for whichever arms ran first).
+  # One untimed round first, so every arm has run with all the others' buffers allocated.
+  # (Single slow steps, up to 2x, still occur, most often in the first timed round; the
+  # per-round medians absorb them.)
   for k in order:
     arms[k].train_steps(1)
     if args.eval:

@@ -157,3 +157,31 @@ def test_squeeze_and_its_gradients_equal_jnp(shape):
   _close(on[0], off[0], 1e-6)
   for got, want in zip(on[1], off[1]):
     _close(got, want, 2e-5)
+
+
+def test_forced_kernels_are_correct_on_a_sharded_batch():
+  # No sharding rule: XLA gathers the operands onto one device, so the results must be equal.
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  keys = jax.random.split(jax.random.key(6), 6)
+  shard = lambda v, spec: jax.device_put(v, NamedSharding(mesh, spec))
+  x = shard(jax.random.normal(keys[0], (16, 8, 8, 16)), P("data"))
+  h = shard(jax.random.normal(keys[1], (16, 4, 4, 4)), P("data"))
+  a, b, bias = (shard(jax.random.normal(k, (16,)), P()) for k in keys[2:5])
+  kernel = shard(jax.random.normal(keys[5], (4, 16)), P())
+
+  def loss(x, a, b, h, kernel, bias):
+    means, mean, var = bn_fused.pool_and_stats(x, (2, 2))
+    out, score = bn_fused.excite_and_gate(x, a, b, h, kernel, bias, (2, 2))
+    return jnp.sum(jnp.sin(out)) + jnp.sum(means ** 2) + jnp.sum(mean * var) + jnp.sum(score)
+
+  def run(mode):
+    with gate_kernels.use(mode):
+      grads = jax.jit(jax.grad(loss, argnums=range(6)))
+      return grads.lower(x, a, b, h, kernel, bias).as_text(), grads(x, a, b, h, kernel, bias)
+
+  text_on, on = run("on")
+  _, off = run("off")
+  assert "mssar_gate_GateBackward" in text_on and "mssar_gate_PoolStats" in text_on
+  for got, want in zip(on, off):
+    _close(got, want, 2e-5)

@@ -2,7 +2,7 @@
 
 ``recalibration.bn_fused`` computes MS-SAR's gate from a block's last convolution output x
 (N, H, W, C) on 2x2 cells. On XLA:CPU those steps are a dozen small fused loops and dot
-products per block, each a pass over memory; three XLA FFI handlers (``gate_kernels.cc``) do
+products per block, each a pass over memory; five XLA FFI handlers (``gate_kernels.cc``) do
 them in one pass each, 16 channels per vector instruction:
 
     pool_stats(x)          = (CellMean_2x2(x), mean_c(x), var_c(x))   one read of x
@@ -13,12 +13,13 @@ them in one pass each, 16 channels per vector instruction:
 
 (the sigmoid is a Cephes-style exp polynomial: within 3e-7 of XLA's). Used when a model is
 traced on JAX's CPU backend with one device, x is float32, C is a multiple of 16 up to 256
-and the cells are 2x2 (``usable``); otherwise bn_fused keeps its jnp code. The mode,
-``$MSSAR_GATE_KERNELS`` or ``use(...)``: 'auto' (default) as just said, 'off' never, 'on'
-whenever the shapes allow, on any backend and device count (for tests: the custom calls have
-no sharding rule, so XLA gathers a sharded batch onto one device for them). The library is built on first use with
-``-march=native`` (``native.build``); if that fails, ``available()`` is False and
-``unavailable_reason()`` says why.
+and the cells are 2x2 (the squeeze: the cells' means; ``usable``); otherwise bn_fused keeps
+its jnp code. The mode, ``$MSSAR_GATE_KERNELS`` or ``use(...)``: 'auto' (default) as just
+said, 'off' never, 'on' whenever the shapes allow, on any backend and device count (for
+tests: the custom calls have no sharding rule, so XLA gathers a sharded batch onto one
+device for them; tested). The library is built on first use with ``-march=native``
+(``native.build``); if that fails, ``available()`` is False and ``unavailable_reason()``
+says why.
 """
 
 from __future__ import annotations

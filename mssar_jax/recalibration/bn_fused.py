@@ -22,8 +22,9 @@ so the full-resolution work is two cell sums and dx. Autodiff of the unfused ver
 y, the upsampled score and the score's gradient at full resolution, and sums them separately.
 
 On XLA:CPU with one device, 2x2 cells and float32 (``native.gate_kernels.usable``) the
-forward pooling + statistics, the excitation, and everything in the backward but dx run as
-hand-written kernels, one pass each; the jnp code below is the reference and the fallback.
+forward pooling + statistics, the squeeze and its gradient, the excitation, and everything
+in the gate's backward but dx run as hand-written kernels, one pass each; the jnp code below
+is the reference and the fallback.
 """
 
 from __future__ import annotations
