@@ -46,6 +46,14 @@ class Progress:
     if self._t0 is not None:
       self._excluded += seconds
 
+  def train_seconds(self, step: int) -> float:
+    """Training seconds of this session up to ``step``; the first step (compilation) is
+    counted at the session's mean step time."""
+    if self._t0 is None or step <= self._s0:
+      return 0.0
+    seconds = time.time() - self._t0 - self._excluded
+    return seconds * (step - self._s0 + 1) / (step - self._s0)
+
   def images_per_second(self, step: int) -> float:
     if self._t0 is None or step <= self._s0:
       return 0.0

@@ -270,8 +270,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           progress.exclude(time.time() - started)
           record.update(eval_metrics)
         if record:
-          writer.write(step, record,
-                       {"perf/images_per_second": progress.images_per_second(step)})
+          writer.write(step, record, train_seconds=progress.train_seconds(step),
+                       images_per_second=progress.images_per_second(step))
           progress.update(step, {k: v for k, v in record.items() if k != "eval/num_examples"})
         if save:
           if not bool(_all_finite(state.params)):
