@@ -17,10 +17,34 @@ from typing import Any
 
 import ml_collections
 
+from mssar_jax import backends
+from mssar_jax import models
+from mssar_jax import recalibration
 from mssar_jax.errors import ConfigError
 
-DATASETS = ("cifar10", "cifar100", "imagenet2012")
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """What the project knows of a dataset without reading it."""
+  num_classes: int
+  mean: tuple[float, float, float]   # per-channel mean of the training images, 0-255 scale
+  std: tuple[float, float, float]
+  downloadable: bool                 # TFDS can download and prepare it unattended
+
+
+DATASETS = {
+    "cifar10": Dataset(10, (125.31, 122.95, 113.87), (62.99, 62.09, 66.70), True),
+    "cifar100": Dataset(100, (129.30, 124.07, 112.43), (68.17, 65.39, 70.42), True),
+    "imagenet2012": Dataset(1000, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), False),
+}
 SCHEDULES = ("step", "cosine")
+
+
+def dataset(name: str) -> Dataset:
+  if name not in DATASETS:
+    raise ConfigError(f"config.dataset={name!r} is not supported; use one of "
+                      f"{', '.join(DATASETS)}.")
+  return DATASETS[name]
 _SIMPLE = (bool, int, float, str, tuple, type(None))
 
 
@@ -33,9 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.recalibration_kwargs = ml_collections.ConfigDict()  # e.g. reduction, scales, kernel_size
   c.model_kwargs = ml_collections.ConfigDict()          # e.g. zero_init_residual, depth
   c.half_precision = False        # bf16 compute; params, BN statistics and loss stay float32
+  c.implementation = "auto"       # how layers are computed: auto | xla | cpu (backends.choose)
   # Data.
   c.dataset = "cifar10"
   c.data_dir = ""                # "": $TFDS_DATA_DIR, else TFDS's default
+  c.download = False              # let TFDS download and prepare the data if it is missing
   c.train_split = "train"
   c.eval_split = "test"
   c.image_size = 0                # 0: the model's design size (32 CIFAR, 224 ImageNet)
@@ -67,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  c.compilation_cache_dir = "auto"  # JAX's persistent cache: "auto" (~/.cache), a path, or ""
   return c
 
 
@@ -102,7 +129,6 @@ def _simple(value):
 
 def default_model_kwargs(model: str) -> dict[str, Any]:
   """The network's own settable fields with their values, so flags can override them."""
-  from mssar_jax import models  # pylint: disable=import-outside-toplevel
   ctor = models.get_spec(model).constructor
   values = {f.name: f.default for f in dataclasses.fields(ctor.func)
             if f.default is not dataclasses.MISSING}
@@ -111,26 +137,29 @@ def default_model_kwargs(model: str) -> dict[str, Any]:
   return {k: _simple(v) for k, v in values.items() if k in keep and _simple(v) is not None}
 
 
-def default_recalibration_kwargs(model: str, recalibration: str) -> dict[str, Any]:
+def default_recalibration_kwargs(model: str, name: str) -> dict[str, Any]:
   """The recalibration module's arguments with the defaults ``get_model`` would use."""
-  from mssar_jax import models  # pylint: disable=import-outside-toplevel
-  from mssar_jax import recalibration as recal  # pylint: disable=import-outside-toplevel
-  cls = recal.get_recalibration(recalibration)
+  cls = recalibration.get_recalibration(name)
   if cls is None:
     return {}
   values = {f.name: f.default for f in dataclasses.fields(cls)
             if f.default is not dataclasses.MISSING}
-  values.update(models.get_spec(model).recalibration_defaults.get(recalibration, {}))
-  keep = set(recal.recalibration_arguments(recalibration)) - {"dtype", "param_dtype"}
+  values.update(models.get_spec(model).recalibration_defaults.get(name, {}))
+  keep = set(recalibration.recalibration_arguments(name))
   return {k: _simple(v) for k, v in values.items() if k in keep and _simple(v) is not None}
 
 
-def set_model(config: ml_collections.ConfigDict, model: str, recalibration: str) -> None:
+def set_model(config: ml_collections.ConfigDict, model: str, recal: str) -> None:
   """Sets model + recalibration and exposes their arguments as overridable config keys."""
   config.model = model
-  config.recalibration = recalibration
+  config.recalibration = recal
   config.model_kwargs = default_model_kwargs(model)
-  config.recalibration_kwargs = default_recalibration_kwargs(model, recalibration)
+  config.recalibration_kwargs = default_recalibration_kwargs(model, recal)
+
+
+def image_size(config) -> int:
+  """``config.image_size``, or the network's design size (32 CIFAR, 224 ImageNet)."""
+  return int(config.image_size or models.input_size(config.model))
 
 
 def data_dir(config) -> str | None:
@@ -140,13 +169,12 @@ def data_dir(config) -> str | None:
 
 def validate(config, device_count: int, process_count: int) -> None:
   """Checks that need no data and no compilation; raises ConfigError naming the fix."""
-  from mssar_jax import models  # pylint: disable=import-outside-toplevel
-  from mssar_jax import recalibration  # pylint: disable=import-outside-toplevel
   models.get_spec(config.model)                     # unknown model: ConfigError listing them
   recalibration.get_recalibration(config.recalibration)  # unknown recalibration: likewise
-  if config.dataset not in DATASETS:
-    raise ConfigError(f"config.dataset={config.dataset!r} is not supported; use one of "
-                      f"{', '.join(DATASETS)}.")
+  dataset(config.dataset)
+  if config.implementation not in backends.CHOICES:
+    raise ConfigError(f"config.implementation={config.implementation!r} is unknown; use one "
+                      f"of {', '.join(backends.CHOICES)}.")
   if config.lr_schedule not in SCHEDULES:
     raise ConfigError(f"config.lr_schedule={config.lr_schedule!r} is unknown; use 'step' or "
                       "'cosine'.")

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"mssar_jax_test_cache_{os.getuid()}"))
 
-# ---- Trainer fixtures (tests/test_train*.py, test_input_pipeline.py, test_configs.py). ----
+# ---- Trainer fixtures (tests/test_train*.py, test_data_lib.py, test_configs.py). ----
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 

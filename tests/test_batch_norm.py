@@ -1,4 +1,4 @@
-"""models.batch_norm.BatchNorm against flax.linen.BatchNorm: same variables, outputs,
+"""backends.cpu.batch_norm.BatchNorm against flax.linen.BatchNorm: same variables, outputs,
 running statistics and gradients (its VJP is hand-written)."""
 
 import flax.linen as nn
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mssar_jax.models.batch_norm import BatchNorm, batch_norm_train
+from mssar_jax.backends.cpu.batch_norm import BatchNorm, batch_norm_train
 
 
 def _setup(dtype, shape=(8, 6, 6, 16), offset=1.0):

@@ -2,7 +2,7 @@
 
 import json
 
-from mssar_jax import bench
+import bench
 
 
 def test_quick_bench_on_a_tiny_network(tmp_path, capsys):

@@ -7,8 +7,9 @@ import sys
 import jax
 import pytest
 
-from configs import cifar, imagenet
-from mssar_jax import config_lib, train
+from mssar_jax.configs import cifar, imagenet
+from mssar_jax import config_lib
+from mssar_jax.train import loop, state as state_lib
 from mssar_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def test_every_cifar_experiment_builds(dataset, model, recal):
                                                       else (128, 164, False))
   assert (c.learning_rate, c.momentum, c.weight_decay) == (0.1, 0.9, 1e-4)
   assert tuple(c.lr_boundaries) == (0.5, 0.75)
-  train.create_model(c, num_classes=100 if dataset == "cifar100" else 10)
+  state_lib.create_model(c, num_classes=100 if dataset == "cifar100" else 10)
 
 
 @pytest.mark.parametrize("model", ["resnet50", "resnet101", "densenet121"])
@@ -40,7 +41,7 @@ def test_every_imagenet_experiment_builds(model, recal, schedule):
   assert (c.batch_size, c.num_epochs, c.learning_rate, c.lr_schedule) == (256, 90, 0.1,
                                                                           schedule)
   assert c.warmup_epochs > 0 and c.image_size == 224
-  train.create_model(c, num_classes=1000)
+  state_lib.create_model(c, num_classes=1000)
 
 
 def test_recalibration_arguments_are_overridable_keys():
@@ -68,12 +69,12 @@ def test_train_and_evaluate_rejects_bad_config_before_touching_workdir(tmp_path,
   c = cifar.get_config("cifar10,cifar_resnet20,ms_sar,local")
   c.batch_size = 12
   with pytest.raises(ConfigError, match="divisible"):
-    train.train_and_evaluate(c, str(workdir))
+    loop.train_and_evaluate(c, str(workdir))
   c = cifar.get_config("cifar10,cifar_resnet20,ms_sar,local")
   c.image_size = 16
   c.recalibration_kwargs.scales = (2, 8)  # 8 > the 4x4 last stage
   with mock_tfds(20), pytest.raises(ConfigError):
-    train.train_and_evaluate(c, str(workdir))
+    loop.train_and_evaluate(c, str(workdir))
   assert not workdir.exists()
   assert jax.device_count() == 8
 
@@ -88,7 +89,7 @@ def test_entry_point_applies_overrides_and_reports_config_error(tmp_path):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
-  assert last == ("train.py: config error: config.batch_size=60 is not divisible by the 8 "
+  assert last == ("train: config error: config.batch_size=60 is not divisible by the 8 "
                   "devices; use a multiple of 8, e.g. --config.batch_size=56.")
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w").exists()

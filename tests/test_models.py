@@ -1,5 +1,6 @@
 """The model zoo: published parameter counts, forward/backward of every model, placement, errors."""
 
+import functools
 import re
 
 import flax
@@ -102,12 +103,21 @@ def _train_and_eval(model, variables, images, labels):
   return _train_step(model, variables, images, labels), model.apply(variables, images)
 
 
-# ImageNet networks run at 128x128 here (7x7 stages become 4x4) to keep CPU tests fast.
-# Eager init: a jitted init compiles one RNG kernel per parameter (minutes for deep nets).
-@pytest.mark.parametrize("name", ALL_MODELS)
+# One small member of each family is compiled and run (the function, not the size, is the
+# point); every registered network is traced at full size (shapes only, nothing compiled).
+FAMILIES = {
+    "cifar_resnet20": {"depth": 8}, "cifar_preact_resnet164": {"depth": 11},
+    "cifar_densenet40": {"depth": 7}, "cifar_densenet_bc100": {"depth": 10},
+    "resnet50": {"stage_sizes": (1, 1, 1, 1), "width": 8},
+    "densenet121": {"block_sizes": (2, 2, 2, 2), "growth_rate": 8},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_forward_and_backward(name):
-  size = 32 if input_size(name) == 32 else 128
-  model = get_model(name, num_classes=7, recalibration="ms_sar")
+  size = 32 if input_size(name) == 32 else 64
+  kwargs = dict(FAMILIES[name], **({"scales": (2,)} if size == 64 else {}))
+  model = get_model(name, num_classes=7, recalibration="ms_sar", **kwargs)
   images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
   labels = jnp.array([0, 3])
   variables = model.init(jax.random.key(0), images[:1])
@@ -123,6 +133,21 @@ def test_forward_and_backward(name):
                        variables["batch_stats"])
   assert max(jax.tree.leaves(moved)) > 0
   assert eval_logits.shape == (2, 7) and bool(jnp.isfinite(eval_logits).all())
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_full_size_train_step_shapes(name):
+  size = input_size(name)
+  model = get_model(name, num_classes=7, recalibration="ms_sar")
+  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  variables = _abstract_variables(model, size)
+  ((loss, (logits, updates)), grads), eval_logits = jax.eval_shape(
+      functools.partial(_train_and_eval, model), variables, images, jnp.array([0, 3]))
+  assert logits.shape == eval_logits.shape == (2, 7) and logits.dtype == jnp.float32
+  assert loss.shape == () and jax.tree.structure(grads) == jax.tree.structure(
+      variables["params"])
+  assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
+      variables["batch_stats"])
 
 
 @pytest.mark.parametrize("recalibration", ["none", "se"])

@@ -4,24 +4,29 @@ import os
 import subprocess
 import sys
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
-from mssar_jax.models import get_model
-from mssar_jax.native import onednn_conv
+from mssar_jax import backends
+from mssar_jax.backends.cpu import onednn_conv
+from mssar_jax.models import Implementation, get_model
 
 _NHWC = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def require_onednn():
-  if not onednn_conv.available():
+  if not onednn_conv.LIBRARY.available():
+    reason = onednn_conv.LIBRARY.unavailable_reason
     if os.environ.get("CI"):
-      pytest.fail(f"oneDNN convolutions unavailable in CI: {onednn_conv.unavailable_reason()}")
-    pytest.skip(f"oneDNN convolutions unavailable: {onednn_conv.unavailable_reason()}")
+      pytest.fail(f"oneDNN convolutions unavailable in CI: {reason}")
+    pytest.skip(f"oneDNN convolutions unavailable: {reason}")
 
 
 def _conv_and_grads(conv_fn, x, w, strides, padding, dy):
@@ -63,12 +68,7 @@ def test_forward_and_gradients_equal_xla(n, h, w_, c, o, k, s, padding):
   lowered = jax.jit(lambda x, w, dy: _conv_and_grads(onednn_conv.conv_general_dilated, x, w,
                                                       (s, s), padding, dy)).lower(x, w, dy)
   assert lowered.as_text().count("mssar_onednn_conv_") == 3  # forward, input and weight grads
-  compiled = lowered.compile()
-  before = onednn_conv.split_calls()
-  new = jax.block_until_ready(compiled(x, w, dy))
-  large = 2 * n * y_ref.shape[1] * y_ref.shape[2] * c * o * k * k >= 5e7
-  cores = len(os.sched_getaffinity(0))
-  assert onednn_conv.split_calls() - before == (3 if large and cores > 1 else 0)
+  new = jax.block_until_ready(lowered.compile()(x, w, dy))
   for name, a, b in zip(("y", "dx", "dw"), ref, new):
     assert a.shape == b.shape, name
     scale = float(jnp.max(jnp.abs(a)))
@@ -91,14 +91,17 @@ def test_other_convolutions_fall_back_to_xla():
     assert "mssar_onednn_conv" not in text and "convolution" in text
 
 
-def _train_grads(impl, model, variables, images, labels):
-  """(HLO text, (loss, grads)) of the train-mode loss, traced with ``impl`` convolutions."""
+ONEDNN = Implementation(conv=functools.partial(
+    nn.Conv, conv_general_dilated=onednn_conv.conv_general_dilated))
+
+
+def _train_grads(model, variables, images, labels):
+  """(HLO text, (loss, grads)) of the train-mode loss."""
   def loss(params):
     logits, _ = model.apply({**variables, "params": params}, images, train=True,
                             mutable=["batch_stats"])
     return -jnp.mean(jnp.take_along_axis(nn.log_softmax(logits), labels[:, None], 1))
-  with onednn_conv.use(impl):
-    lowered = jax.jit(jax.value_and_grad(loss)).lower(variables["params"])
+  lowered = jax.jit(jax.value_and_grad(loss)).lower(variables["params"])
   return lowered.as_text(), lowered.compile()(variables["params"])
 
 
@@ -108,12 +111,14 @@ def _train_grads(impl, model, variables, images, labels):
     ("cifar_densenet40", "se", {"depth": 10})])
 def test_model_gradients_equal_with_either_convolution(name, recalibration, kwargs):
   model = get_model(name, num_classes=10, recalibration=recalibration, **kwargs)
+  with_onednn = get_model(name, num_classes=10, recalibration=recalibration, impl=ONEDNN,
+                          **kwargs)
   rng = np.random.default_rng(1)
   images = jnp.asarray(rng.standard_normal((8, 32, 32, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, 8))
   variables = model.init(jax.random.key(0), images, train=False)
-  hlo_xla, (loss_xla, g_xla) = _train_grads("xla", model, variables, images, labels)
-  hlo_dnn, (loss_dnn, g_dnn) = _train_grads("onednn", model, variables, images, labels)
+  hlo_xla, (loss_xla, g_xla) = _train_grads(model, variables, images, labels)
+  hlo_dnn, (loss_dnn, g_dnn) = _train_grads(with_onednn, variables, images, labels)
   assert "mssar_onednn_conv" not in hlo_xla
   assert "mssar_onednn_conv" in hlo_dnn
   np.testing.assert_allclose(float(loss_dnn), float(loss_xla), rtol=1e-5)
@@ -124,39 +129,28 @@ def test_model_gradients_equal_with_either_convolution(name, recalibration, kwar
                                err_msg=jax.tree_util.keystr(path))
 
 
-def test_auto_keeps_xla_convolutions_with_several_devices():
+def test_cpu_implementation_keeps_xla_convolutions_with_several_devices():
   # The test session simulates 8 CPU devices (conftest): the custom call has no sharding
-  # rule, so 'auto' must keep XLA's convolutions there.
+  # rule, so the CPU implementation keeps XLA's convolutions there.
   assert jax.device_count() > 1
-  with onednn_conv.use("auto"):
-    assert onednn_conv.conv_impl() == "xla"
-  with onednn_conv.use("onednn"):
-    assert onednn_conv.conv_impl() == "onednn"
-
-
-def test_unknown_impl_is_a_clear_error():
-  with pytest.raises(ValueError, match="one of"):
-    with onednn_conv.use("cudnn"):
-      pass
+  assert backends.choose("cpu").impl.conv is nn.Conv
+  assert backends.choose("cpu", device_count=1).impl.conv.keywords == {
+      "conv_general_dilated": onednn_conv.conv_general_dilated}
 
 
 def test_direct_call_in_a_fresh_process_registers_the_kernels():
-  # conv_nhwc used before anything asked conv_impl()/available() must still find its FFI
-  # targets (registered at trace time).
-  # With one CPU device, 'auto' picks oneDNN.
-  code = ("import jax.numpy as jnp; from mssar_jax.native import onednn_conv as c; "
+  # conv_nhwc used before anything asked LIBRARY.available() must still find its FFI targets.
+  code = ("import jax.numpy as jnp; from mssar_jax.backends.cpu import onednn_conv as c; "
           "y = c.conv_nhwc(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 3)), (1, 1), "
-          "((1, 1), (1, 1))); print(float(y[0, 1, 1, 0]), float(y[0, 0, 0, 0]), c.conv_impl())")
+          "((1, 1), (1, 1))); print(float(y[0, 1, 1, 0]), float(y[0, 0, 0, 0]))")
   env = {**os.environ, "XLA_FLAGS": ""}
-  env.pop("MSSAR_CONV_IMPL", None)
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env=env)
-  assert out.stdout.split() == ["18.0", "8.0", "onednn"]  # 3x3x2 ones inside, 2x2x2 at a corner
+  assert out.stdout.split() == ["18.0", "8.0"]  # 3x3x2 ones inside, 2x2x2 at a corner
 
 
 def test_forced_onednn_is_correct_on_a_sharded_batch():
   # No sharding rule: XLA gathers the operands, so the results must still be exact.
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
   mesh = Mesh(np.array(jax.devices()), ("data",))
   rng = np.random.default_rng(2)
   x = jax.device_put(jnp.asarray(rng.standard_normal((16, 8, 8, 4)), jnp.float32),

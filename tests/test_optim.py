@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs import cifar, imagenet
-from mssar_jax import optim
+from mssar_jax.configs import cifar, imagenet
+from mssar_jax.train import optim
 
 
 def _config(**overrides):

@@ -1,11 +1,15 @@
-"""``python -m mssar_jax.plot``: curves of several runs, legends from their configs."""
+"""``mssar-plot``: curves of several runs, legends from their configs."""
 
 import json
 import os
+import subprocess
+import sys
 
+from PIL import Image
 import pytest
 
-from mssar_jax import plot
+from mssar_jax.cli import plot
+from mssar_jax.errors import ConfigError
 
 
 def _run(root, name, config, records):
@@ -58,15 +62,16 @@ def test_labels_name_model_and_the_differing_keys(workdirs):
   assert steps == [30, 60] and values == pytest.approx([0.3, 0.4])
 
 
-def test_plot_command_writes_one_png(workdirs, tmp_path, capsys):
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+def test_plot_command_writes_one_png(workdirs, tmp_path):
   out = str(tmp_path / "out" / "curves.png")
-  assert plot.main([*workdirs, "--out", out, "--color_by", "recalibration",
-                    "--title", "three runs"]) == 0
-  assert capsys.readouterr().out.strip() == out
+  done = subprocess.run([sys.executable, "-m", "mssar_jax.cli.plot", *workdirs, "--out", out,
+                         "--color_by", "recalibration", "--title", "three runs"],
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip() == out
   width, height = Image.open(out).size
   assert width == 1500 and 400 <= height <= 500
-  assert plot.main([workdirs[0], "--out", str(tmp_path / "one.png")]) == 0
+  assert plot.plot_runs([workdirs[0]], str(tmp_path / "one.png")) == str(tmp_path / "one.png")
   assert os.path.isfile(tmp_path / "one.png")
-  assert plot.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")]) == 1
-  assert "metrics.jsonl not found" in capsys.readouterr().err
+  with pytest.raises(ConfigError, match="metrics.jsonl not found"):
+    plot.plot_runs([str(tmp_path / "nothing")], str(tmp_path / "x.png"))

@@ -5,11 +5,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mssar_jax import ops
 from mssar_jax.errors import ConfigError
 from mssar_jax.recalibration import (MultiScaleSAR, SqueezeExcite, get_recalibration,
                                      list_recalibrations, make_recalibration)
 from mssar_jax.recalibration import common
-from mssar_jax.recalibration.ms_sar import extra_parameters, se_parameters
+
+
+def se_parameters(channels, reduction=16, min_channels=4):
+  """SE's docstring formula: 2*C*C/r + C/r + C."""
+  width = common.reduced_channels(channels, reduction, min_channels)
+  return 2 * channels * width + width + channels
+
+
+def extra_parameters(channels, scales, kernel_size, weighting, grid_cells):
+  """MS-SAR's docstring formulas: per scale k*k*(C/r)^2, (C/r)^2 or gh*gw*(C/r)^2."""
+  width = common.reduced_channels(channels, 16, 4)
+  per_scale = {"asymmetric": [kernel_size ** 2] * len(scales),
+               "symmetric": [1] * len(scales), "positional": grid_cells}[weighting]
+  return sum(per_scale) * width * width
 
 
 def _x(shape, seed=0):
@@ -62,7 +76,7 @@ def test_pooled_evaluation_equals_direct(shape, scales, weighting):
   assert y_pooled.shape == x.shape
   np.testing.assert_allclose(y_pooled, y_direct, rtol=2e-5, atol=2e-5)
   # The score at full resolution really varies over space (it is not SE in disguise).
-  full = common.upsample(_score(pooled, variables, x), common.common_base(scales), *shape[1:3])
+  full = ops.upsample(_score(pooled, variables, x), ops.common_base(scales), *shape[1:3])
   assert float(jnp.std(full, axis=(1, 2)).mean()) > 1e-3
   np.testing.assert_allclose(full, _score(direct, variables, x), rtol=2e-5, atol=2e-5)
 
@@ -107,7 +121,7 @@ def test_parameter_counts_match_docstring_formulas(channels, weighting, scales, 
   assert se == se_parameters(channels)
   module = MultiScaleSAR(scales=scales, kernel_size=kernel_size, weighting=weighting)
   counted = _count(jax.eval_shape(module.init, jax.random.key(0), x))
-  cells = [common.grid_size(16, s) ** 2 for s in scales]
+  cells = [ops.grid_size(16, s) ** 2 for s in scales]
   assert counted - se == extra_parameters(channels, scales=scales, kernel_size=kernel_size,
                                           weighting=weighting, grid_cells=cells)
 
@@ -121,7 +135,7 @@ def test_reduced_channels_have_a_floor():
 
 def test_cell_mean_averages_what_edge_cells_cover():
   x = jnp.arange(7.0).reshape(1, 7, 1, 1) * jnp.ones((1, 7, 7, 1))
-  pooled = common.cell_mean(x, 4)
+  pooled = ops.cell_mean(x, 4)
   assert pooled.shape == (1, 2, 2, 1)
   np.testing.assert_allclose(pooled[0, :, 0, 0], [1.5, 5.0])  # mean(0..3), mean(4..6)
 
@@ -144,7 +158,7 @@ def test_bf16_compute_keeps_float32_params():
     (dict(kernel_size=2), "kernel_size must be a positive odd integer"),
     (dict(weighting="diagonal"), "unknown weighting 'diagonal'"),
     (dict(evaluation="fast"), "unknown evaluation 'fast'"),
-    (dict(width=3), "has no argument width"),
+    (dict(width=3), "unknown argument width"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, match):
   with pytest.raises(ConfigError, match=match):

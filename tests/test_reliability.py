@@ -21,7 +21,11 @@ import jax
 import numpy as np
 import pytest
 
-from mssar_jax import checkpointing, input_pipeline, metrics_writer, train
+from mssar_jax.storage import checkpoints
+from mssar_jax import data as data_lib
+from mssar_jax.storage import metrics as metrics_lib
+from mssar_jax.train import loop, optim, state as state_lib
+from mssar_jax.train import step as step_lib
 from mssar_jax.errors import ConfigError
 from tests import tiny
 
@@ -77,31 +81,30 @@ def _wait_for_step(proc, workdir, step, timeout=240):
 
 
 def _latest_step(workdir) -> int:
-  ckpt = checkpointing.Checkpointer(workdir, keep=100)
+  ckpt = checkpoints.Checkpointer(workdir, keep=100)
   try:
-    return ckpt.latest_step() or 0
+    return (ckpt.all_steps() or [0])[-1]
   finally:
     ckpt.close()
 
 
 def _info(config):
-  builder = input_pipeline.get_builder(config)
-  return input_pipeline.get_info(config, builder, local_batch=config.batch_size,
+  builder = data_lib.get_builder(config)
+  return data_lib.get_info(config, builder, local_batch=config.batch_size,
                                  local_eval_batch=config.eval_batch_size, process_index=0,
                                  process_count=1)
 
 
 def _restore(config, workdir, step):
   """The train state saved at ``step`` in ``workdir`` (restored on the 8-device mesh)."""
-  model = train.create_model(config, 10)
-  tx = train.optim.make_optimizer(config, lambda _: 0.0)
-  init = functools.partial(train.init_state, model=model, tx=tx, image_size=32)
-  rep = jax.sharding.NamedSharding(train.make_mesh(), jax.sharding.PartitionSpec())
+  model = state_lib.create_model(config, 10)
+  tx = optim.make_optimizer(config, lambda _: 0.0)
+  init = functools.partial(state_lib.init_state, model=model, tx=tx, image_size=32)
+  rep = jax.sharding.NamedSharding(step_lib.make_mesh(), jax.sharding.PartitionSpec())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                           jax.eval_shape(init, jax.random.key(0)))
-  with tfds_mock():
-    meta = train.checkpoint_meta(config, _info(config))
-  ckpt = checkpointing.Checkpointer(workdir, keep=10)
+  meta = state_lib.checkpoint_meta(config, 32)
+  ckpt = checkpoints.Checkpointer(workdir, keep=10)
   try:
     return ckpt.restore(step, abstract, meta)
   finally:
@@ -177,7 +180,7 @@ def test_sigterm_sigint_and_kill9_resume_to_the_uninterrupted_result(tmp_path):
   assert f"resuming at step {done}" in out
   got = json.load(open(os.path.join(workdir, "result.json")))
   assert got == expected
-  assert metrics_writer.read_metrics(workdir) == metrics_writer.read_metrics(straight)
+  assert metrics_lib.read_metrics(workdir) == metrics_lib.read_metrics(straight)
   _assert_states_equal(_restore(config, straight, 16), _restore(config, workdir, 16))
 
 
@@ -187,24 +190,24 @@ def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, mo
   config = tiny.tiny_cifar_config(num_train_steps=8, checkpoint_every_steps=2,
                                   keep_checkpoints=5, eval_every_steps=0)
   workdir = str(tmp_path / "run")
-  original = input_pipeline.TrainData.iterate
+  original = data_lib.TrainData.iterate
 
   def poisoned(self, start_step=0):
     for i, batch in enumerate(original(self, start_step)):
       if start_step + i == 4:  # the batch of step 5
-        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        batch = dict(batch, image=np.full(batch["image"].shape, np.nan, np.float32))
       yield batch
 
-  monkeypatch.setattr(input_pipeline.TrainData, "iterate", poisoned)
+  monkeypatch.setattr(data_lib.TrainData, "iterate", poisoned)
   with tfds_mock(), pytest.raises(FloatingPointError, match="at step 5; stopping without"):
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   good = _restore(config, workdir, 4)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good.params))
   # The same command without the poison resumes from the last good step and finishes.
-  monkeypatch.setattr(input_pipeline.TrainData, "iterate", original)
+  monkeypatch.setattr(data_lib.TrainData, "iterate", original)
   with tfds_mock():
-    result = train.train_and_evaluate(config, workdir)
+    result = loop.train_and_evaluate(config, workdir)
   assert result["step"] == 8 and np.isfinite(result["eval/loss"])
 
 
@@ -214,8 +217,8 @@ def test_damaged_newest_checkpoints_are_reported_and_skipped(tmp_path, caplog):
   config = tiny.tiny_cifar_config(num_train_steps=6, keep_checkpoints=3, eval_every_steps=0)
   workdir = str(tmp_path / "run")
   with tfds_mock():
-    first = train.train_and_evaluate(config, workdir)
-  metrics = metrics_writer.read_metrics(workdir)
+    first = loop.train_and_evaluate(config, workdir)
+  metrics = metrics_lib.read_metrics(workdir)
   ckdir = os.path.join(workdir, "checkpoints")
   assert sorted(os.listdir(ckdir)) == ["2", "4", "6"]
   # Step 6: its data files truncated to half (a copy cut short). Step 4: its index lost.
@@ -227,15 +230,15 @@ def test_damaged_newest_checkpoints_are_reported_and_skipped(tmp_path, caplog):
   os.makedirs(os.path.join(ckdir, "8.orbax-checkpoint-tmp-1234", "state"))
 
   with tfds_mock():
-    again = train.train_and_evaluate(config, workdir)
-  warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    again = loop.train_and_evaluate(config, workdir)
+  warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
   assert any(w.startswith("checkpoint 6 in ") for w in warnings), warnings
   assert any(w.startswith("checkpoint 4 in ") for w in warnings), warnings
   moved = sorted(os.listdir(os.path.join(workdir, "corrupt_checkpoints")))
   assert [m.split("-")[0] for m in moved] == ["4", "6"]  # kept, not deleted
   # Resumed from step 2 and redid steps 3-6 exactly.
   assert again == first
-  assert metrics_writer.read_metrics(workdir) == metrics
+  assert metrics_lib.read_metrics(workdir) == metrics
   assert sorted(s for s in os.listdir(ckdir) if s.isdigit()) == ["2", "4", "6"]
 
 
@@ -267,7 +270,7 @@ BAD_CONFIGS = {
 def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("finished"))
   with tfds_mock():
-    train.train_and_evaluate(tiny.tiny_cifar_config(num_train_steps=2), workdir)
+    loop.train_and_evaluate(tiny.tiny_cifar_config(num_train_steps=2), workdir)
   return workdir
 
 
@@ -292,7 +295,7 @@ class _Compilations:
 def _assert_one_line_error(config, workdir, expected):
   before = _tree_digest(workdir)
   with _Compilations() as compiled, pytest.raises(ConfigError) as raised:
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   message = str(raised.value)
   assert expected in message
   assert "\n" not in message and len(message) < 400
@@ -316,7 +319,7 @@ def test_missing_dataset_and_bad_workdir_are_one_line_errors(tmp_path, finished_
   a_file = tmp_path / "file"
   a_file.write_text("not a workdir")
   with tfds_mock(), pytest.raises(ConfigError, match="is a file; pass a directory"):
-    train.train_and_evaluate(tiny.tiny_cifar_config(), str(a_file))
+    loop.train_and_evaluate(tiny.tiny_cifar_config(), str(a_file))
   assert a_file.read_text() == "not a workdir"
 
 
@@ -330,8 +333,8 @@ EQUIV_CONFIG = dict(num_train_steps=6, log_every_steps=1, eval_every_steps=3,
 def eight_device_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("eight"))
   with tfds_mock():
-    result = train.train_and_evaluate(tiny.tiny_cifar_config(**EQUIV_CONFIG), workdir)
-  return result, metrics_writer.read_metrics(workdir), workdir
+    result = loop.train_and_evaluate(tiny.tiny_cifar_config(**EQUIV_CONFIG), workdir)
+  return result, metrics_lib.read_metrics(workdir), workdir
 
 
 def _assert_same_run(records, reference, result, reference_result, num_examples=N):
@@ -350,7 +353,7 @@ def _assert_same_run(records, reference, result, reference_result, num_examples=
 def test_one_device_matches_eight_devices(tmp_path, eight_device_run):
   _finish(_launch(tmp_path, devices=1, overrides=EQUIV_CONFIG))
   result = json.load(open(tmp_path / "result.json"))
-  _assert_same_run(metrics_writer.read_metrics(str(tmp_path)), eight_device_run[1], result,
+  _assert_same_run(metrics_lib.read_metrics(str(tmp_path)), eight_device_run[1], result,
                    eight_device_run[0])
 
 
@@ -361,7 +364,7 @@ def test_two_processes_match_one_process(tmp_path):
   real = dict(EQUIV_CONFIG, data_dir=tiny.real_cifar10_dir(), train_split="train[:256]",
               eval_split="test[:100]", shuffle_buffer=256)
   single = str(tmp_path / "single")
-  expected = train.train_and_evaluate(tiny.tiny_cifar_config(**real), single)
+  expected = loop.train_and_evaluate(tiny.tiny_cifar_config(**real), single)
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -370,11 +373,11 @@ def test_two_processes_match_one_process(tmp_path):
   procs = [_launch(multi, devices=1, overrides=real, process=(i, 2, coordinator))
            for i in range(2)]
   outs = [_finish(p) for p in procs]
-  assert "on 2 devices in 2 processes" in outs[0][0]
+  assert "2 cpu devices in 2 processes" in outs[0][0]
   assert "done: step 6/6" in outs[0][0] and "done:" not in outs[1][0]  # process 0 reports
   result = json.load(open(multi / "result.json"))
   assert result["eval/num_examples"] == 100
-  _assert_same_run(metrics_writer.read_metrics(str(multi)), metrics_writer.read_metrics(single),
+  _assert_same_run(metrics_lib.read_metrics(str(multi)), metrics_lib.read_metrics(single),
                    result, expected, num_examples=100)
 
 
@@ -401,7 +404,7 @@ def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(tmp_path):
 
 def test_same_config_and_seed_give_identical_metrics_file(tmp_path, eight_device_run):
   with tfds_mock():
-    train.train_and_evaluate(tiny.tiny_cifar_config(**EQUIV_CONFIG), str(tmp_path))
+    loop.train_and_evaluate(tiny.tiny_cifar_config(**EQUIV_CONFIG), str(tmp_path))
   with open(os.path.join(tmp_path, "metrics.jsonl"), "rb") as f:
     again = f.read()
   with open(os.path.join(eight_device_run[2], "metrics.jsonl"), "rb") as f:

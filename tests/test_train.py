@@ -9,8 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import imagenet
-from mssar_jax import input_pipeline, metrics_writer, train
+from mssar_jax.configs import imagenet
+from mssar_jax import data as data_lib
+from mssar_jax.storage import metrics as metrics_lib
+from mssar_jax import config_lib
+from mssar_jax.train import loop, optim, state as state_lib
+from mssar_jax.train import step as step_lib
 from mssar_jax.errors import ConfigError
 
 N = 50  # mock examples per split; batch 16 -> 3 steps per epoch, eval batch 24 -> 2 pads
@@ -30,10 +34,10 @@ def test_cifar_run_writes_all_outputs(tmp_path, mock_tfds, tiny_cifar_config, ca
   workdir = str(tmp_path / "run")
   config = tiny_cifar_config()
   with mock_tfds(N):
-    result = train.train_and_evaluate(config, workdir)
+    result = loop.train_and_evaluate(config, workdir)
   assert result["step"] == 6 and result["eval/num_examples"] == N
   assert 0.0 <= result["eval/accuracy"] <= 1.0 and np.isfinite(result["eval/loss"])
-  records = metrics_writer.read_metrics(workdir)
+  records = metrics_lib.read_metrics(workdir)
   assert [r["step"] for r in records] == [2, 3, 4, 6]           # one object per logged step
   assert set(records[0]) == {"step", "train/loss", "train/accuracy", "train/learning_rate"}
   assert {"eval/accuracy", "eval/loss", "train/loss"} <= set(records[-1])
@@ -48,14 +52,14 @@ def test_cifar_run_writes_all_outputs(tmp_path, mock_tfds, tiny_cifar_config, ca
 
   # Re-running the finished command resumes at the end and only re-evaluates.
   with mock_tfds(N):
-    again = train.train_and_evaluate(config, workdir)
+    again = loop.train_and_evaluate(config, workdir)
   assert again["eval/accuracy"] == result["eval/accuracy"]
   assert "resuming at step 6" in capsys.readouterr().out
 
   # A different model in the same workdir is refused with a clear message.
   other = tiny_cifar_config(recalibration="se", recalibration_kwargs={})
   with mock_tfds(N), pytest.raises(ConfigError, match="different run.*recalibration"):
-    train.train_and_evaluate(other, workdir)
+    loop.train_and_evaluate(other, workdir)
 
 
 def test_imagenet_run_reports_top5(tmp_path, mock_tfds):
@@ -70,15 +74,15 @@ def test_imagenet_run_reports_top5(tmp_path, mock_tfds):
   config.checkpoint_every_steps = 0
   config.shuffle_buffer = 16
   with mock_tfds(20):
-    result = train.train_and_evaluate(config, str(tmp_path))
+    result = loop.train_and_evaluate(config, str(tmp_path))
   assert result["eval/num_examples"] == 20
   assert result["eval/accuracy"] <= result["eval/top5_accuracy"] <= 1.0
-  assert "eval/top5_accuracy" in metrics_writer.read_metrics(str(tmp_path))[-1]
+  assert "eval/top5_accuracy" in metrics_lib.read_metrics(str(tmp_path))[-1]
 
 
 def _info(config):
-  builder = input_pipeline.get_builder(config)
-  return input_pipeline.get_info(config, builder, local_batch=config.batch_size,
+  builder = data_lib.get_builder(config)
+  return data_lib.get_info(config, builder, local_batch=config.batch_size,
                                  local_eval_batch=config.eval_batch_size, process_index=0,
                                  process_count=1)
 
@@ -88,22 +92,24 @@ def test_eval_counts_every_example_once(mock_tfds, tiny_cifar_config, eval_batch
   """Padded + masked eval == one unpadded pass over all examples, for any batch size."""
   config = tiny_cifar_config(eval_batch_size=eval_batch)
   with mock_tfds(N):
-    builder = input_pipeline.get_builder(config)
+    builder = data_lib.get_builder(config)
     info = _info(config)
-    data = input_pipeline.eval_dataset(config, builder, info, local_batch=eval_batch,
+    data = data_lib.eval_dataset(config, builder, info, local_batch=eval_batch,
                                        process_index=0, process_count=1)
-    model = train.create_model(config, 10)
-    tx = train.optim.make_optimizer(config, lambda _: 0.0)
-    state = train.init_state(jax.random.key(1), model, tx, 32)
-    mesh = train.make_mesh()
+    model = state_lib.create_model(config, 10)
+    tx = optim.make_optimizer(config, lambda _: 0.0)
+    state = state_lib.init_state(jax.random.key(1), model, tx, 32)
+    mesh = step_lib.make_mesh()
     data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    eval_fn = jax.jit(functools.partial(train.eval_step, model=model, num_classes=10))
-    got = train.evaluate(eval_fn, state, data, data_sharding, top5=True)
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model,
+                                        stats=config_lib.dataset("cifar10")))
+    got = loop.evaluate(eval_fn, state, data, data_sharding, top5=True)
     batches = list(data.as_numpy_iterator())
   images = np.concatenate([b["image"] for b in batches])[:N]
   labels = np.concatenate([b["label"] for b in batches])[:N]
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  logits = np.asarray(model.apply(variables, jnp.asarray(images), train=False))
+  normalised = step_lib.normalise(jnp.asarray(images), config_lib.dataset("cifar10"))
+  logits = np.asarray(model.apply(variables, normalised, train=False))
   assert got["eval/num_examples"] == N
   assert got["eval/accuracy"] == np.mean(logits.argmax(-1) == labels)
   top5 = np.argsort(-logits, -1)[:, :5]

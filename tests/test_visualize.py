@@ -1,13 +1,21 @@
-"""``trained.load`` and ``python -m mssar_jax.visualize`` on tiny trained runs (mock CIFAR-10)."""
+"""``trained.load`` and ``mssar-visualize`` on tiny trained runs (mock CIFAR-10)."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
+import tensorflow_datasets as tfds
 
-from mssar_jax import trained, train, visualize
+from mssar_jax.cli import visualize
+from mssar_jax.configs import cifar
+from mssar_jax.storage import checkpoints
+from mssar_jax.storage import metrics as metrics_lib
+from mssar_jax.train import optim, state as state_lib, trained
 from mssar_jax.errors import ConfigError
 from mssar_jax.models import get_model
 
@@ -15,7 +23,6 @@ N = 40  # mock examples per split
 
 
 def _tiny_config(recalibration):
-  from configs import cifar  # pylint: disable=import-outside-toplevel
   c = cifar.get_config(f"cifar10,cifar_resnet20,{recalibration},local")
   c.model_kwargs.depth, c.model_kwargs.width = 8, 4
   c.data_dir = ""
@@ -48,26 +55,23 @@ def runs(tmp_path_factory):
   (config.json, checkpoints 1 and 2 with their meta), holding freshly initialised states
   (different seeds per step): training is left to the notebook test, which runs the whole
   train -> plot -> visualize path on real data."""
-  from mssar_jax import checkpointing, metrics_writer, optim  # pylint: disable=import-outside-toplevel
   out = {}
   for recalibration in ("ms_sar", "se"):
     c = _tiny_config(recalibration)
     workdir = str(tmp_path_factory.mktemp(recalibration))
-    model = train.create_model(c, 10)
+    model = state_lib.create_model(c, 10)
     tx = optim.make_optimizer(c, optim.make_schedule(c, 2, 2))
-    info = type("Info", (), {"num_classes": 10, "image_size": 32})()
-    ckpt = checkpointing.Checkpointer(workdir, keep=2, async_save=False)
-    abstract = jax.eval_shape(lambda: train.init_state(jax.random.key(0), model, tx, 32))
+    ckpt = checkpoints.Checkpointer(workdir, keep=2, async_save=False)
+    abstract = jax.eval_shape(lambda: state_lib.init_state(jax.random.key(0), model, tx, 32))
     for step in (1, 2):
-      ckpt.save(step, _fill(abstract, step), train.checkpoint_meta(c, info))
+      ckpt.save(step, _fill(abstract, step), state_lib.checkpoint_meta(c, 32))
     ckpt.close()
-    metrics_writer.write_config(workdir, c)
+    metrics_lib.write_config(workdir, c)
     out[recalibration] = workdir
   return out
 
 
 def _mock():
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   return tfds.testing.mock_data(num_examples=N, policy=tfds.testing.MockPolicy.USE_CODE)
 
 
@@ -124,23 +128,23 @@ def test_scanned_blocks_are_split_and_stages_named():
   assert visualize.stage_of("stage4_blocks_22") == "stage4"
 
 
-def test_visualize_command_on_test_images_and_files(runs, tmp_path, capsys):
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+def test_render_test_images_and_the_command_on_files(runs, tmp_path):
   out = str(tmp_path / "ms_sar.png")
   with _mock():
-    assert visualize.main(["--workdir", runs["ms_sar"], "--num_images", "2", "--out", out]) == 0
-  assert capsys.readouterr().out.strip() == out
+    assert visualize.render(runs["ms_sar"], num_images=2, out=out) == out
   width, height = Image.open(out).size
   assert width > height > 500            # 8 columns, 2 images x 3 stages = 6 rows
 
   picture = tmp_path / "photo.png"
   Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 64, 3), np.uint8)).save(picture)
-  with _mock():
-    assert visualize.main(["--workdir", runs["se"], "--image", str(picture),
-                           "--channels", "2"]) == 0
+  done = subprocess.run([sys.executable, "-m", "mssar_jax.cli.visualize", "--workdir",
+                         runs["se"], "--image", str(picture), "--channels", "2",
+                         "--data_dir", str(tmp_path / "no_data")],
+                        capture_output=True, text=True, check=False)
   default = os.path.join(runs["se"], "score_maps_2.png")
-  assert capsys.readouterr().out.strip() == default and os.path.isfile(default)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip() == default and os.path.isfile(default)
   assert visualize.load_image_file(str(picture), 32, "cifar10").shape == (32, 32, 3)
 
-  assert visualize.main(["--workdir", str(tmp_path / "missing")]) == 1
-  assert "config.json not found" in capsys.readouterr().err
+  with pytest.raises(ConfigError, match="config.json not found"):
+    visualize.render(str(tmp_path / "missing"))

@@ -3,7 +3,7 @@
 import os
 import pathlib
 
-from configs import cifar
+from mssar_jax.configs import cifar
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -38,17 +38,18 @@ def main():
     jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id)
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  from mssar_jax import input_pipeline, train  # pylint: disable=import-outside-toplevel
+  from mssar_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from mssar_jax.train import loop, state as state_lib  # pylint: disable=import-outside-toplevel
   from tests import tiny  # pylint: disable=import-outside-toplevel
 
   if args.step_sleep:
-    original = input_pipeline.TrainData.iterate
+    original = data_lib.TrainData.iterate
 
     def slow(self, start_step=0):
       for batch in original(self, start_step):
         time.sleep(args.step_sleep)
         yield batch
-    input_pipeline.TrainData.iterate = slow
+    data_lib.TrainData.iterate = slow
 
   overrides = json.loads(args.overrides)
   config = tiny.tiny_cifar_config()
@@ -59,11 +60,11 @@ def main():
       target = target[part]
     target[last] = tuple(value) if isinstance(value, list) else value
   if config.data_dir:  # real data
-    result = train.train_and_evaluate(config, args.workdir)
+    result = loop.train_and_evaluate(config, args.workdir)
   else:
     with tfds.testing.mock_data(num_examples=tiny.MOCK_EXAMPLES,
                                 policy=tfds.testing.MockPolicy.USE_CODE):
-      result = train.train_and_evaluate(config, args.workdir)
+      result = loop.train_and_evaluate(config, args.workdir)
   if jax.process_index() == 0:
     with open(os.path.join(args.workdir, "result.json"), "w", encoding="utf-8") as f:
       json.dump(result, f)

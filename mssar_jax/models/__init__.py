@@ -7,6 +7,8 @@
 Keyword arguments of ``get_model`` go to the network when they name one of its fields
 (``depth``, ``growth_rate``, ``zero_init_residual``, ``scan_blocks``, ...) and to the
 recalibration module otherwise (``reduction``, ``scales``, ``kernel_size``, ``weighting``, ...).
+``impl`` (``common.Implementation``) says how the layers are computed; the default is the plain
+flax composition, and ``mssar_jax.backends.choose`` picks a faster one per backend.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from mssar_jax.errors import ConfigError
+from mssar_jax.models.common import Implementation
 from mssar_jax.models.cifar_resnet import CifarPreActResNet, CifarResNet
 from mssar_jax.models.densenet import CifarDenseNet, DenseNet
 from mssar_jax.models.resnet import ResNet
-from mssar_jax.recalibration import make_recalibration, recalibration_arguments
+from mssar_jax.recalibration import get_recalibration, make_recalibration
 
 # The last ImageNet stage is 7x7 at 224x224, so MS-SAR's default scales there are (2, 4).
 _IMAGENET_RECALIBRATION = {"ms_sar": {"scales": (2, 4)}}
@@ -63,7 +66,7 @@ _MODELS: dict[str, ModelSpec] = {
                              "torchvision (7,978,856)", _IMAGENET_RECALIBRATION),
 }
 
-_RESERVED = {"num_classes", "recalibration", "dtype", "parent", "name"}
+_RESERVED = {"num_classes", "recalibration", "dtype", "impl", "parent", "name"}
 
 
 def list_models() -> list[str]:
@@ -89,7 +92,7 @@ def model_arguments(name: str) -> list[str]:
 
 
 def get_model(name: str, *, num_classes: int, recalibration: str = "none",
-              dtype: Any = jnp.float32, **kwargs):
+              dtype: Any = jnp.float32, impl: Implementation = Implementation(), **kwargs):
   """Builds network ``name`` with ``recalibration`` ('none', 'se' or 'ms_sar') in its blocks.
 
   Args:
@@ -97,6 +100,7 @@ def get_model(name: str, *, num_classes: int, recalibration: str = "none",
     num_classes: size of the classifier.
     recalibration: name from ``mssar_jax.recalibration.list_recalibrations()``.
     dtype: compute dtype (e.g. jnp.bfloat16); parameters and BatchNorm statistics stay float32.
+    impl: how the layers are computed (same function whichever).
     **kwargs: network fields, then recalibration arguments (see module docstring).
 
   Raises:
@@ -106,27 +110,22 @@ def get_model(name: str, *, num_classes: int, recalibration: str = "none",
   if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
     raise ConfigError(f"num_classes must be a positive integer (got {num_classes!r}); "
                       "use e.g. num_classes=10 for CIFAR-10.")
-  fields = set(model_arguments(name))
-  model_kwargs = {k: v for k, v in kwargs.items() if k in fields}
+  fields = model_arguments(name)
   recal_kwargs = {k: v for k, v in kwargs.items() if k not in fields}
-  if recal_kwargs and recalibration not in (None, "none"):
-    unknown = sorted(set(recal_kwargs) - set(recalibration_arguments(recalibration)))
-    if unknown:
-      raise ConfigError(
-          f"get_model({name!r}, recalibration={recalibration!r}): unknown argument "
-          f"{', '.join(unknown)}; model arguments: {', '.join(sorted(fields))}; recalibration "
-          f"arguments: {', '.join(recalibration_arguments(recalibration))}.")
-  elif recal_kwargs:
-    raise ConfigError(
-        f"get_model({name!r}): unknown argument {', '.join(sorted(recal_kwargs))} for "
-        f"recalibration 'none'; model arguments: {', '.join(sorted(fields))}.")
-  if recalibration not in (None, "none"):
-    defaults = spec.recalibration_defaults.get(recalibration, {})
-    recal_kwargs = {**defaults, **recal_kwargs, "dtype": dtype}
-  recal = make_recalibration(recalibration or "none", **recal_kwargs)
-  return spec.constructor(num_classes=num_classes, recalibration=recal, dtype=dtype,
-                          **model_kwargs)
+  cls = get_recalibration(recalibration)
+  if cls is not None:
+    injected = {"dtype": dtype}
+    if "conv" in {f.name for f in dataclasses.fields(cls)}:
+      injected["conv"] = impl.conv
+    recal_kwargs = {**spec.recalibration_defaults.get(recalibration, {}), **recal_kwargs,
+                    **injected}
+  try:
+    recal = make_recalibration(recalibration or "none", **recal_kwargs)
+  except ConfigError as e:
+    raise ConfigError(f"get_model({name!r}): {e} Model arguments: {', '.join(fields)}.") from None
+  return spec.constructor(num_classes=num_classes, recalibration=recal, dtype=dtype, impl=impl,
+                          **{k: v for k, v in kwargs.items() if k in fields})
 
 
 __all__ = ["get_model", "list_models", "input_size", "model_arguments", "get_spec",
-           "ModelSpec"]
+           "ModelSpec", "Implementation"]

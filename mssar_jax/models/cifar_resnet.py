@@ -39,20 +39,19 @@ def option_a_shortcut(x, features: int, stride: int):
 class BasicBlock(nn.Module):
   """conv3x3-BN-ReLU-conv3x3-BN [-recalibration] + option-A shortcut, then ReLU."""
   features: int
-  conv: ModuleDef
-  norm: ModuleDef
+  layers: common.Layers
   strides: int = 1
-  recalibration: ModuleDef | None = None
   zero_init_last_bn: bool = False
 
   @nn.compact
   def __call__(self, x):
-    y = self.conv(self.features, (3, 3), self.strides)(x)
-    y = nn.relu(self.norm()(y))
-    y = self.conv(self.features, (3, 3))(y)
+    layers = self.layers
+    y = layers.conv(self.features, (3, 3), self.strides, name="conv1")(x)
+    y = nn.relu(layers.norm(name="bn1")(y))
+    y = layers.conv(self.features, (3, 3), name="conv2")(y)
     scale_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
-    y = common.norm_recalibrate(self.norm, self.recalibration, y, scale_init=scale_init)
-    return common.materialize(nn.relu(y + option_a_shortcut(x, self.features, self.strides)))
+    y = layers.norm_recalibrate(y, name="bn2", scale_init=scale_init)
+    return layers.block_output(nn.relu(y + option_a_shortcut(x, self.features, self.strides)))
 
 
 class CifarResNet(nn.Module):
@@ -64,6 +63,7 @@ class CifarResNet(nn.Module):
   zero_init_residual: bool = False
   scan_blocks: bool = False
   dtype: Any = jnp.float32
+  impl: common.Implementation = common.Implementation()
 
   def __post_init__(self):
     if (self.depth - 2) % 6 != 0 or self.depth < 8:
@@ -74,13 +74,11 @@ class CifarResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     n = (self.depth - 2) // 6
-    conv = common.make_conv(self.dtype)
-    norm = common.make_norm(train, self.dtype)
-    x = nn.relu(norm(name="stem_bn")(conv(self.width, (3, 3), name="stem_conv")(x.astype(self.dtype))))
+    layers = common.Layers(self.impl, self.recalibration, self.dtype, train)
+    x = layers.conv(self.width, (3, 3), name="stem_conv")(x.astype(self.dtype))
+    x = nn.relu(layers.norm(name="stem_bn")(x))
     for stage in range(3):
-      features = self.width * 2 ** stage
-      block = functools.partial(BasicBlock, features=features, conv=conv, norm=norm,
-                                recalibration=self.recalibration,
+      block = functools.partial(BasicBlock, features=self.width * 2 ** stage, layers=layers,
                                 zero_init_last_bn=self.zero_init_residual)
       x = block(strides=1 if stage == 0 else 2, name=f"stage{stage + 1}_block1")(x)
       x = common.repeat_block(block, n - 1, x, f"stage{stage + 1}_blocks", self.scan_blocks)
@@ -90,22 +88,23 @@ class CifarResNet(nn.Module):
 class PreActBottleneck(nn.Module):
   """BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1(4w) [-recalibration] + shortcut."""
   width: int
-  conv: ModuleDef
-  norm: ModuleDef
+  layers: common.Layers
   strides: int = 1
   project: bool = False
-  recalibration: ModuleDef | None = None
 
   @nn.compact
   def __call__(self, x):
-    out_features = 4 * self.width
-    pre = nn.relu(self.norm()(x))
-    shortcut = self.conv(out_features, (1, 1), self.strides, name="proj")(pre) if self.project else x
-    y = self.conv(self.width, (1, 1))(pre)
-    y = self.conv(self.width, (3, 3), self.strides)(nn.relu(self.norm()(y)))
-    y = self.conv(out_features, (1, 1))(nn.relu(self.norm()(y)))
-    y = common.recalibrate(self.recalibration, y)
-    return common.materialize(y + shortcut)
+    layers, out_features = self.layers, 4 * self.width
+    pre = nn.relu(layers.norm(name="bn1")(x))
+    shortcut = x
+    if self.project:
+      shortcut = layers.conv(out_features, (1, 1), self.strides, name="proj")(pre)
+    y = layers.conv(self.width, (1, 1), name="conv1")(pre)
+    y = nn.relu(layers.norm(name="bn2")(y))
+    y = layers.conv(self.width, (3, 3), self.strides, name="conv2")(y)
+    y = nn.relu(layers.norm(name="bn3")(y))
+    y = layers.recalibrate(layers.conv(out_features, (1, 1), name="conv3")(y))
+    return layers.block_output(y + shortcut)
 
 
 class CifarPreActResNet(nn.Module):
@@ -116,6 +115,7 @@ class CifarPreActResNet(nn.Module):
   recalibration: ModuleDef | None = None
   scan_blocks: bool = False
   dtype: Any = jnp.float32
+  impl: common.Implementation = common.Implementation()
 
   def __post_init__(self):
     if (self.depth - 2) % 9 != 0 or self.depth < 11:
@@ -126,13 +126,11 @@ class CifarPreActResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     n = (self.depth - 2) // 9
-    conv = common.make_conv(self.dtype)
-    norm = common.make_norm(train, self.dtype)
-    x = conv(self.width, (3, 3), name="stem_conv")(x.astype(self.dtype))
+    layers = common.Layers(self.impl, self.recalibration, self.dtype, train)
+    x = layers.conv(self.width, (3, 3), name="stem_conv")(x.astype(self.dtype))
     for stage in range(3):
-      block = functools.partial(PreActBottleneck, width=self.width * 2 ** stage, conv=conv,
-                                norm=norm, recalibration=self.recalibration)
+      block = functools.partial(PreActBottleneck, width=self.width * 2 ** stage, layers=layers)
       x = block(strides=1 if stage == 0 else 2, project=True, name=f"stage{stage + 1}_block1")(x)
       x = common.repeat_block(block, n - 1, x, f"stage{stage + 1}_blocks", self.scan_blocks)
-    x = nn.relu(norm(name="final_bn")(x))
+    x = nn.relu(layers.norm(name="final_bn")(x))
     return common.classifier(x, self.num_classes, self.dtype)

@@ -1,23 +1,22 @@
-"""Building blocks shared by the backbones: conv/norm constructors, the head, block stacking.
+"""What the networks share: their layer implementations, the head, block stacking.
 
-Blocks receive ``conv`` and ``norm`` constructors (functools.partial of nn.Conv /
-``batch_norm.BatchNorm``, nn.BatchNorm's function and variables with a cheaper gradient) from
-their network, so compute dtype, initialisers and train/eval mode are
-decided once. BatchNorm has no ``axis_name``: under ``jax.jit`` with a batch sharded over a
+A network has one field ``impl`` (an ``Implementation``): the convolution and BatchNorm
+modules, how a block's last BatchNorm and its recalibration are computed, and a hook on each
+block's output. The default is the plain flax composition, right on every backend;
+``mssar_jax.backends`` hands a network another implementation of the same function where one
+is faster (the CPU's). In ``__call__`` a network binds them to its dtype and mode
+(``Layers``) and passes that to its blocks, as flax's ResNet example passes ``conv`` and
+``norm`` partials. BatchNorm has no ``axis_name``: under ``jax.jit`` with a batch sharded over a
 device mesh its statistics are those of the global batch.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-
-from mssar_jax.models.batch_norm import BatchNorm
-from mssar_jax.native import onednn_conv
 
 ModuleDef = Any
 
@@ -25,29 +24,69 @@ ModuleDef = Any
 he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def make_conv(dtype) -> Callable[..., nn.Conv]:
-  """A Conv constructor: no bias, He init, float32 params, compute in ``dtype``.
+def identity(x):
+  return x
 
-  Padding defaults to k // 2 on each side (PyTorch's symmetric padding), so strided convs
-  see the same pixels as the published networks. In float32 on a single CPU device the
-  convolutions call oneDNN directly when it is installed (``native.onednn_conv``: the same
-  function, faster gradients); elsewhere they are XLA's.
+
+def norm_then_recalibrate(norm: ModuleDef, recalibration: ModuleDef | None, y,
+                          **norm_kwargs):
+  """recalibration(norm(y)) (the reference); ``norm_kwargs`` (name, scale_init) go to norm."""
+  y = norm(**norm_kwargs)(y)
+  return y if recalibration is None else recalibration(name="recalibration")(y)
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """How a network computes its layers; every implementation computes the same function.
+
+  Attributes:
+    name: shown in the run's header.
+    conv: convolution module (nn.Conv's fields).
+    norm: BatchNorm module (nn.BatchNorm's fields and variables).
+    norm_recalibrate: ``f(norm, recalibration, y, **norm_kwargs)``, a block's last BatchNorm
+      followed by its recalibration (``norm_then_recalibrate`` or a fused form).
+    block_output: applied to every residual block's output.
   """
-  def conv(features, kernel_size=(3, 3), strides=(1, 1), padding=None, **kwargs):
+  name: str = "xla"
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  norm_recalibrate: Callable = norm_then_recalibrate
+  block_output: Callable = identity
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  """An implementation bound to one network call: compute dtype, train / eval mode and the
+  recalibration constructor (None for 'none')."""
+  impl: Implementation
+  recalibration: ModuleDef | None
+  dtype: Any
+  train: bool
+
+  def conv(self, features, kernel_size=(3, 3), strides=1, padding=None, **kwargs):
+    """No bias, He init, float32 params; padding k // 2 on each side (PyTorch's symmetric
+    padding, so strided convs see the pixels the published networks see)."""
+    strides = (strides, strides) if isinstance(strides, int) else strides
     if padding is None:
       padding = [(k // 2, k // 2) for k in kernel_size]
-    if isinstance(strides, int):
-      strides = (strides, strides)
-    kwargs = {**onednn_conv.nn_conv_kwargs(dtype), **kwargs}
-    return nn.Conv(features, kernel_size, strides=strides, padding=padding, use_bias=False,
-                   kernel_init=he_normal, dtype=dtype, **kwargs)
-  return conv
+    return self.impl.conv(features, kernel_size, strides=strides, padding=padding,
+                          use_bias=False, kernel_init=he_normal, dtype=self.dtype, **kwargs)
 
+  def norm(self, **kwargs):
+    """BatchNorm with PyTorch's momentum (0.9 here = 0.1 there) and eps; stats in float32."""
+    return self.impl.norm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
+                          dtype=self.dtype, **kwargs)
 
-def make_norm(train: bool, dtype) -> Callable[..., BatchNorm]:
-  """A BatchNorm constructor (momentum 0.9 = PyTorch's 0.1, eps 1e-5), stats in float32."""
-  return functools.partial(BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, dtype=dtype)
+  def norm_recalibrate(self, y, **norm_kwargs):
+    """The block's last BatchNorm and its recalibration (if any)."""
+    return self.impl.norm_recalibrate(self.norm, self.recalibration, y, **norm_kwargs)
+
+  def recalibrate(self, y):
+    """The recalibration of a block whose branch does not end in a BatchNorm."""
+    return y if self.recalibration is None else self.recalibration(name="recalibration")(y)
+
+  def block_output(self, x):
+    return self.impl.block_output(x)
 
 
 def classifier(x, num_classes: int, dtype):
@@ -55,38 +94,6 @@ def classifier(x, num_classes: int, dtype):
   x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
   x = nn.Dense(num_classes, dtype=dtype, name="head")(x)
   return x.astype(jnp.float32)
-
-
-def materialize(x):
-  """Identity that makes XLA keep ``x`` in memory instead of recomputing it (a performance hint).
-
-  Used on every residual block's output. Without it XLA:CPU fuses the chain of block outputs
-  (BN, ReLU, residual additions of several blocks) into each consumer that needs them in
-  another layout, mainly the transposes feeding the backward weight convolutions, and
-  recomputes that chain there: about 30% of a cifar_resnet20 train step on this CPU (README,
-  "Performance"). The value and its gradient are unchanged.
-  """
-  return jax.lax.optimization_barrier(x)
-
-
-def norm_recalibrate(norm: ModuleDef, recalibration: ModuleDef | None, y, **norm_kwargs):
-  """recalibration(norm(y)): the block's last BatchNorm and its recalibration (if any).
-
-  The recalibration receives the BatchNorm module and applies it inside its own pooling and
-  gate (``recalibration.bn_fused``): the same function, without the normalised map in
-  memory. Variable names are those of norm then recalibration applied in turn.
-  """
-  bn = norm(**norm_kwargs)
-  if recalibration is None:
-    return bn(y)
-  return recalibration(name="recalibration")(y, norm=bn)
-
-
-def recalibrate(recalibration: ModuleDef | None, y):
-  """Applies the block's recalibration module (named 'recalibration') if there is one."""
-  if recalibration is None:
-    return y
-  return recalibration(name="recalibration")(y)
 
 
 class _ScanBody(nn.Module):
@@ -102,8 +109,8 @@ def repeat_block(block: ModuleDef, count: int, x, name: str, scan: bool = False)
   """Applies ``count`` identical blocks to x, unrolled (default) or as one nn.scan.
 
   Scanning compiles the block body once instead of ``count`` times (parameters of the
-  scanned blocks are stacked along a leading axis of size ``count``), but on XLA:CPU the
-  scanned train step runs many times slower, so networks unroll unless asked to scan.
+  scanned blocks are stacked along a leading axis of size ``count``); XLA:CPU runs the
+  scanned backward pass much slower, so networks unroll unless asked to scan.
   """
   if count <= 0:
     return x

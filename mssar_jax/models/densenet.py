@@ -31,49 +31,48 @@ ModuleDef = Any
 class DenseLayer(nn.Module):
   """[BN-ReLU-conv1x1(bn_size*k)] BN-ReLU-conv3x3(k) [-recalibration]: the k new features."""
   growth_rate: int
-  conv: ModuleDef
-  norm: ModuleDef
+  layers: common.Layers
   bottleneck: bool = False
   bn_size: int = 4
-  recalibration: ModuleDef | None = None
 
   @nn.compact
   def __call__(self, x):
-    y = x
+    layers, y = self.layers, x
     if self.bottleneck:
-      y = self.conv(self.bn_size * self.growth_rate, (1, 1))(nn.relu(self.norm()(y)))
-    y = self.conv(self.growth_rate, (3, 3))(nn.relu(self.norm()(y)))
-    return common.recalibrate(self.recalibration, y)
+      y = nn.relu(layers.norm(name="bn1")(y))
+      y = layers.conv(self.bn_size * self.growth_rate, (1, 1), name="conv1")(y)
+    y = layers.conv(self.growth_rate, (3, 3), name="conv2")(nn.relu(layers.norm(name="bn2")(y)))
+    return layers.recalibrate(y)
 
 
 class Transition(nn.Module):
   """BN-ReLU-conv1x1 to ``features`` channels, then 2x2 average pooling."""
   features: int
-  conv: ModuleDef
-  norm: ModuleDef
+  layers: common.Layers
 
   @nn.compact
   def __call__(self, x):
-    x = self.conv(self.features, (1, 1))(nn.relu(self.norm()(x)))
+    x = nn.relu(self.layers.norm(name="bn")(x))
+    x = self.layers.conv(self.features, (1, 1), name="conv")(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
-def dense_stages(x, block_sizes, growth_rate, compression, conv, norm, bottleneck,
-                 recalibration):
+def dense_stages(x, block_sizes, growth_rate, compression, layers: common.Layers,
+                 bottleneck: bool):
   """Dense blocks with transitions between them (none after the last block)."""
-  for stage, layers in enumerate(block_sizes):
+  for stage, count in enumerate(block_sizes):
     c0 = x.shape[-1]
-    buf = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, layers * growth_rate)))
-    for i in range(layers):
+    buf = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, count * growth_rate)))
+    for i in range(count):
       width = c0 + i * growth_rate
-      layer = DenseLayer(growth_rate, conv, norm, bottleneck=bottleneck,
-                         recalibration=recalibration, name=f"block{stage + 1}_layer{i + 1}")
+      layer = DenseLayer(growth_rate, layers, bottleneck=bottleneck,
+                         name=f"block{stage + 1}_layer{i + 1}")
       y = layer(buf[..., :width])
       buf = jax.lax.dynamic_update_slice_in_dim(buf, y.astype(buf.dtype), width, axis=3)
     x = buf
     if stage + 1 < len(block_sizes):
       features = int(x.shape[-1] * compression)
-      x = Transition(features, conv, norm, name=f"transition{stage + 1}")(x)
+      x = Transition(features, layers, name=f"transition{stage + 1}")(x)
   return x
 
 
@@ -86,6 +85,7 @@ class CifarDenseNet(nn.Module):
   compression: float = 1.0
   recalibration: ModuleDef | None = None
   dtype: Any = jnp.float32
+  impl: common.Implementation = common.Implementation()
 
   def __post_init__(self):
     per_layer = 6 if self.bottleneck else 3
@@ -102,14 +102,13 @@ class CifarDenseNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    layers = (self.depth - 4) // (6 if self.bottleneck else 3)
-    conv = common.make_conv(self.dtype)
-    norm = common.make_norm(train, self.dtype)
+    count = (self.depth - 4) // (6 if self.bottleneck else 3)
+    layers = common.Layers(self.impl, self.recalibration, self.dtype, train)
     stem = 2 * self.growth_rate if self.bottleneck else 16
-    x = conv(stem, (3, 3), name="stem_conv")(x.astype(self.dtype))
-    x = dense_stages(x, (layers,) * 3, self.growth_rate, self.compression, conv, norm,
-                     self.bottleneck, self.recalibration)
-    x = nn.relu(norm(name="final_bn")(x))
+    x = layers.conv(stem, (3, 3), name="stem_conv")(x.astype(self.dtype))
+    x = dense_stages(x, (count,) * 3, self.growth_rate, self.compression, layers,
+                     self.bottleneck)
+    x = nn.relu(layers.norm(name="final_bn")(x))
     return common.classifier(x, self.num_classes, self.dtype)
 
 
@@ -122,15 +121,14 @@ class DenseNet(nn.Module):
   compression: float = 0.5
   recalibration: ModuleDef | None = None
   dtype: Any = jnp.float32
+  impl: common.Implementation = common.Implementation()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = common.make_conv(self.dtype)
-    norm = common.make_norm(train, self.dtype)
-    x = conv(self.init_features, (7, 7), 2, name="stem_conv")(x.astype(self.dtype))
-    x = nn.relu(norm(name="stem_bn")(x))
+    layers = common.Layers(self.impl, self.recalibration, self.dtype, train)
+    x = layers.conv(self.init_features, (7, 7), 2, name="stem_conv")(x.astype(self.dtype))
+    x = nn.relu(layers.norm(name="stem_bn")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    x = dense_stages(x, self.block_sizes, self.growth_rate, self.compression, conv, norm,
-                     True, self.recalibration)
-    x = nn.relu(norm(name="final_bn")(x))
+    x = dense_stages(x, self.block_sizes, self.growth_rate, self.compression, layers, True)
+    x = nn.relu(layers.norm(name="final_bn")(x))
     return common.classifier(x, self.num_classes, self.dtype)

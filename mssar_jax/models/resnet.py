@@ -22,26 +22,25 @@ ModuleDef = Any
 class Bottleneck(nn.Module):
   """conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU, conv1x1(4w)-BN [-recalibration] + shortcut, ReLU."""
   width: int
-  conv: ModuleDef
-  norm: ModuleDef
+  layers: common.Layers
   strides: int = 1
   project: bool = False
-  recalibration: ModuleDef | None = None
   zero_init_last_bn: bool = False
 
   @nn.compact
   def __call__(self, x):
-    out_features = 4 * self.width
-    y = nn.relu(self.norm()(self.conv(self.width, (1, 1))(x)))
-    y = nn.relu(self.norm()(self.conv(self.width, (3, 3), self.strides)(y)))
+    layers, out_features = self.layers, 4 * self.width
+    y = nn.relu(layers.norm(name="bn1")(layers.conv(self.width, (1, 1), name="conv1")(x)))
+    y = layers.conv(self.width, (3, 3), self.strides, name="conv2")(y)
+    y = nn.relu(layers.norm(name="bn2")(y))
+    y = layers.conv(out_features, (1, 1), name="conv3")(y)
     scale_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
-    y = common.norm_recalibrate(self.norm, self.recalibration,
-                                self.conv(out_features, (1, 1))(y), scale_init=scale_init)
+    y = layers.norm_recalibrate(y, name="bn3", scale_init=scale_init)
     shortcut = x
     if self.project:
-      shortcut = self.norm(name="proj_bn")(
-          self.conv(out_features, (1, 1), self.strides, name="proj_conv")(x))
-    return common.materialize(nn.relu(y + shortcut))
+      shortcut = layers.conv(out_features, (1, 1), self.strides, name="proj_conv")(x)
+      shortcut = layers.norm(name="proj_bn")(shortcut)
+    return layers.block_output(nn.relu(y + shortcut))
 
 
 class ResNet(nn.Module):
@@ -53,17 +52,16 @@ class ResNet(nn.Module):
   zero_init_residual: bool = False
   scan_blocks: bool = False
   dtype: Any = jnp.float32
+  impl: common.Implementation = common.Implementation()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = common.make_conv(self.dtype)
-    norm = common.make_norm(train, self.dtype)
-    x = conv(self.width, (7, 7), 2, name="stem_conv")(x.astype(self.dtype))
-    x = nn.relu(norm(name="stem_bn")(x))
+    layers = common.Layers(self.impl, self.recalibration, self.dtype, train)
+    x = layers.conv(self.width, (7, 7), 2, name="stem_conv")(x.astype(self.dtype))
+    x = nn.relu(layers.norm(name="stem_bn")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, count in enumerate(self.stage_sizes):
-      block = functools.partial(Bottleneck, width=self.width * 2 ** stage, conv=conv, norm=norm,
-                                recalibration=self.recalibration,
+      block = functools.partial(Bottleneck, width=self.width * 2 ** stage, layers=layers,
                                 zero_init_last_bn=self.zero_init_residual)
       x = block(strides=1 if stage == 0 else 2, project=True, name=f"stage{stage + 1}_block1")(x)
       x = common.repeat_block(block, count - 1, x, f"stage{stage + 1}_blocks", self.scan_blocks)

@@ -1,4 +1,4 @@
-"""Recalibration mechanisms, selected by name.
+"""Recalibration mechanisms, selected by name (timm's ``get_attn`` contract).
 
 Every mechanism maps x (N, H, W, C) to x * score with score in (0, 1), and shares one
 constructor contract: channels come from the input; ``reduction`` (r, default 16);
@@ -23,6 +23,8 @@ _REGISTRY = {
     "se": SqueezeExcite,
     "ms_sar": MultiScaleSAR,
 }
+# Fields set by the network or a backend, not by the user.
+INJECTED = ("dtype", "param_dtype", "conv", "parent", "name")
 
 
 def list_recalibrations() -> list[str]:
@@ -41,28 +43,30 @@ def get_recalibration(name: str):
 
 
 def recalibration_arguments(name: str) -> list[str]:
-  """Constructor arguments accepted by recalibration ``name``."""
+  """Constructor arguments a user may set for recalibration ``name``."""
   cls = get_recalibration(name)
   if cls is None:
     return []
-  return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+  return [f.name for f in dataclasses.fields(cls) if f.name not in INJECTED]
 
 
 def make_recalibration(name: str, **kwargs):
-  """A constructor ``partial(cls, **kwargs)`` checked now (bad arguments raise here), or None."""
+  """A constructor ``partial(cls, **kwargs)`` checked now (bad arguments raise here), or None.
+
+  ``kwargs`` may also hold the injected fields (dtype, param_dtype, conv).
+  """
   cls = get_recalibration(name)
+  user = sorted(k for k in kwargs if k not in INJECTED)
   if cls is None:
-    if kwargs:
-      raise ConfigError(f"recalibration 'none' takes no arguments (got {sorted(kwargs)}); "
-                        "drop them or choose 'se' or 'ms_sar'.")
+    if user:
+      raise ConfigError(f"unknown argument {', '.join(user)} for recalibration 'none'; "
+                        "drop it or choose 'se' or 'ms_sar'.")
     return None
   allowed = recalibration_arguments(name)
-  unknown = sorted(set(kwargs) - set(allowed))
+  unknown = [k for k in user if k not in allowed]
   if unknown:
-    raise ConfigError(f"recalibration {name!r} has no argument {', '.join(unknown)}; "
+    raise ConfigError(f"unknown argument {', '.join(unknown)} for recalibration {name!r}; "
                       f"valid: {', '.join(allowed)}.")
-  if "scales" in kwargs and kwargs["scales"] is not None:
-    kwargs["scales"] = tuple(kwargs["scales"]) if not isinstance(kwargs["scales"], int) else kwargs["scales"]
   cls(**kwargs)  # runs the argument checks in __post_init__
   return functools.partial(cls, **kwargs)
 

@@ -6,10 +6,8 @@ For x of shape (N, H, W, C) and bottleneck width C/r = max(min_channels, C // r)
     score = sigmoid( W_e relu(g W_r + b_r) + b_e )   W_r: C x C/r, W_e: C/r x C
     y     = x * score                                (one score per channel)
 
-Parameters: 2 * C * C/r + C/r + C.
-
-Given the preceding BatchNorm module as ``norm``, SE recalibrates norm(x) with the
-normalisation folded into its pooling and gate (``bn_fused``; same function).
+Parameters: 2 * C * C/r + C/r + C. In the terms MS-SAR uses: the pooling cell is the whole
+map and the context is the squeezed vector itself.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mssar_jax.recalibration import bn_fused, common
+from mssar_jax.recalibration import common
 
 
 class SqueezeExcite(nn.Module):
@@ -39,26 +37,22 @@ class SqueezeExcite(nn.Module):
     common.check_reduction(self.reduction, self.min_channels, "se")
     super().__post_init__()
 
+  def pool_cell(self, height: int, width: int) -> tuple[int, int]:
+    """The cell the input is averaged over before the squeeze: the whole map."""
+    return height, width
+
+  def context(self, z, height: int, width: int):  # pylint: disable=unused-argument
+    """SE adds no spatial context: h = z."""
+    return z
+
   @nn.compact
-  def __call__(self, x, norm=None):
-    """Recalibrates x or, given the preceding BatchNorm module as ``norm``, norm(x) (fused:
-    the normalisation is applied inside the pooling and the gate, ``bn_fused``)."""
+  def __call__(self, x):
     channels = common.check_input(x, "se")
     width = common.reduced_channels(channels, self.reduction, self.min_channels)
-    reduce = common.DenseParams(width, param_dtype=self.param_dtype, name="reduce")
-    expand = common.DenseParams(channels, param_dtype=self.param_dtype, name="expand")
-    whole_map = tuple(x.shape[1:3])
-    if norm is not None:
-      means, a, b = norm(x, pool_cell=whole_map)  # norm(x) = x a + b
-      h = bn_fused.squeeze(means, a, b, *reduce(means), self.dtype)
-    else:
-      g = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
-      h = common.dense(g, *reduce(g), self.dtype)
-    kernel, bias = expand(h)
-    if norm is not None:
-      out, score = bn_fused.excite_and_gate(x, a, b, h, kernel, bias, whole_map)
-      self.sow("intermediates", "score", score)
-      return out
-    score = common.excite(h, kernel, bias, self.dtype)
+    g = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    h = common.dense(g, *common.DenseParams(width, self.param_dtype, name="reduce")(g),
+                     self.dtype)
+    score = common.excite(h, *common.DenseParams(channels, self.param_dtype, name="expand")(h),
+                          self.dtype)
     self.sow("intermediates", "score", score)
     return x * score.astype(x.dtype)

@@ -1,0 +1,317 @@
+"""TFDS + tf.data input for CIFAR-10/100 and ImageNet: seeded, resumable, multi-process.
+
+Preprocessing (images leave tf.data as uint8; the train step normalises them on the device):
+  CIFAR train:     zero-pad 4 -> random 32x32 crop -> random horizontal flip
+  CIFAR eval:      as stored
+  ImageNet train:  fused JPEG decode of a random-resized crop (area 8%-100%, aspect 3/4-4/3,
+                   Szegedy et al. 2015) -> resize to S x S -> random flip
+  ImageNet eval:   resize the shorter side to S / 0.875 (256 for S = 224) -> centre S x S crop
+(images not of size S = config.image_size are resized to it; resized images are rounded back
+to uint8).
+
+Data order (exact resume, and the same global batches for any number of processes). An
+epoch is a seeded shuffle (seed ``e_seed = hash(config.seed, epoch)``) of the split, cut to
+``steps_per_epoch`` global batches; example i of the epoch is augmented with the stateless seed
+(e_seed, i). Batch b of epoch e is thus a pure function of (seed, e, b); training step t reads
+batch t mod steps_per_epoch of epoch t div steps_per_epoch. A run resumed at step t rebuilds
+epoch e and skips the examples of its first b batches (not yet decoded), so it sees exactly the
+batches an uninterrupted run would have seen. Which process reads what:
+
+* ``shuffle_files=False`` (CIFAR): every process reads the whole split in file order and the
+  same shuffle; process p of P keeps rows [p L, (p + 1) L) of each global batch (L = global
+  batch / P). The global batches, hence the training, are the same for 1 or P processes.
+* ``shuffle_files=True`` (ImageNet, where reading everything on every host would multiply the
+  I/O): process p reads ``tfds.even_splits(split, P)[p]`` (remainder dropped, so all processes
+  have the same number of steps), with its files and examples shuffled by e_seed. The data are
+  the same in distribution, not in order, for a different process count.
+
+Eval. Each process pads its split with masked zero images to ``eval_steps * local_batch``
+examples, where eval_steps is the same on every process (its largest split decides); metrics
+are sum(x * mask) / sum(mask), so every example counts exactly once for any batch size and
+device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator
+
+from jax.experimental import multihost_utils
+import numpy as np
+import tensorflow_datasets as tfds
+
+try:
+  import tensorflow as tf
+except ImportError as e:  # the platform extras install it; Colab and accelerator images have it
+  raise ImportError("the input pipeline needs TensorFlow (tf.data): pip install "
+                    "'mssar-jax[tf]', or tensorflow") from e
+
+from mssar_jax import config_lib
+from mssar_jax.errors import ConfigError
+
+_IMAGENET_HELP = (
+    "ImageNet cannot be downloaded automatically: put ILSVRC2012_img_train.tar and "
+    "ILSVRC2012_img_val.tar in <data_dir>/downloads/manual/ and run "
+    "`tfds build imagenet2012 --data_dir <data_dir>` once, then pass --config.data_dir or set "
+    "TFDS_DATA_DIR.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """Sizes of this process's share of the data."""
+  num_classes: int
+  image_size: int
+  train_examples: int     # train examples in the split this process reads
+  steps_per_epoch: int
+  eval_examples: int      # all eval examples over all processes
+  eval_steps: int         # eval batches per process (equal on all processes)
+
+
+def is_imagenet(config) -> bool:
+  return config.dataset.startswith("imagenet")
+
+
+def _open(config, data_dir):
+  """The builder if its train split can be read, else (None, TFDS's first sentence why)."""
+  try:
+    builder = tfds.builder(config.dataset, data_dir=data_dir)
+    builder.as_dataset(split=config.train_split)  # only builds the graph; fails if absent
+    return builder, ""
+  except (AssertionError, tfds.core.DatasetNotFoundError, FileNotFoundError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None, first.split(". ")[0].rstrip(".")  # TFDS's first sentence; the fix follows
+
+
+def get_builder(config, *, process_index: int = 0, process_count: int = 1):
+  """The TFDS builder; downloads and prepares the data first if it is missing and
+  ``config.download`` allows it (process 0 prepares, the others wait); else a ConfigError
+  saying where it looked and how to make the data available."""
+  data_dir = config_lib.data_dir(config)
+  where = data_dir or "TFDS's default data_dir (~/tensorflow_datasets)"
+  builder, why = _open(config, data_dir)
+  if builder is not None:
+    return builder
+  if is_imagenet(config) or not config_lib.dataset(config.dataset).downloadable:
+    raise ConfigError(f"dataset {config.dataset!r} not found in {where} ({why}); "
+                      f"{_IMAGENET_HELP}")
+  fix = (f"prepare it once with `tfds build {config.dataset} --data_dir <dir>` on a machine "
+         "with internet, then pass --config.data_dir=<dir> or set TFDS_DATA_DIR")
+  if not config.download:
+    raise ConfigError(f"dataset {config.dataset!r} not found in {where} ({why}); {fix} (or "
+                      "--config.download=True to let TFDS download it here).")
+  failure = _download(config, data_dir, process_index)
+  if process_count > 1:
+    multihost_utils.sync_global_devices(f"mssar_jax: {config.dataset} prepared")
+  builder, why = _open(config, data_dir)
+  if builder is None:
+    raise ConfigError(f"dataset {config.dataset!r} not found in {where} and TFDS could not "
+                      f"download it ({failure or why}); {fix}.")
+  return builder
+
+
+def _download(config, data_dir, process_index: int) -> str:
+  """Process 0 downloads and prepares the dataset; returns why it failed ('' if it did not)."""
+  if process_index != 0:
+    return ""
+  print(f"{config.dataset} not found; downloading and preparing it with TFDS in "
+        f"{data_dir or '~/tensorflow_datasets'} (once)", flush=True)
+  try:
+    tfds.builder(config.dataset, data_dir=data_dir).download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-exception-caught  (reported in one line)
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+  return ""
+
+
+def _num_examples(builder, split) -> int:
+  """Split size from the dataset info, or by counting (mock data has no split info)."""
+  try:
+    n = builder.info.splits[split].num_examples
+    if n:
+      return int(n)
+  except (KeyError, ValueError, TypeError):
+    pass
+  ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  return int(ds.reduce(np.int64(0), lambda n, _: n + 1).numpy())
+
+
+def _global_order(config) -> bool:
+  """Whether every process reads the whole train split in one global order (docstring)."""
+  return not config.shuffle_files
+
+
+def _train_split(config, process_index, process_count):
+  if _global_order(config):
+    return config.train_split
+  return tfds.even_splits(config.train_split, n=process_count, drop_remainder=True)[process_index]
+
+
+def _eval_splits(config, process_count):
+  return tfds.even_splits(config.eval_split, n=process_count, drop_remainder=False)
+
+
+
+
+def get_info(config, builder, *, local_batch: int, local_eval_batch: int,
+             process_index: int, process_count: int) -> DataInfo:
+  """Sizes of the data seen by this process; ConfigError if a batch exceeds the data."""
+  available = _num_examples(builder, _train_split(config, process_index, process_count))
+  read_batch = local_batch * process_count if _global_order(config) else local_batch
+  steps_per_epoch = available // read_batch
+  if steps_per_epoch < 1:
+    raise ConfigError(f"the batch ({read_batch}) exceeds the {available} training examples "
+                      f"read by each process; lower config.batch_size.")
+  eval_sizes = [_num_examples(builder, s) for s in _eval_splits(config, process_count)]
+  if process_count == 1:
+    eval_sizes = eval_sizes[:1]
+  return DataInfo(
+      num_classes=int(builder.info.features["label"].num_classes),
+      image_size=config_lib.image_size(config),
+      train_examples=available,
+      steps_per_epoch=steps_per_epoch,
+      eval_examples=sum(eval_sizes),
+      eval_steps=math.ceil(max(eval_sizes) / local_eval_batch))
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing.
+
+def _resize(image, size):
+  """Bilinear resize to size x size (rounded back to uint8); unchanged if already that size."""
+  if image.shape[0] == size and image.shape[1] == size:
+    return image
+  return _to_uint8(tf.image.resize(image, [size, size], method="bilinear"))
+
+
+def _to_uint8(image):
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _cifar_train(example, seed, size):
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  image = tf.pad(example["image"], [[4, 4], [4, 4], [0, 0]])
+  image = tf.image.stateless_random_crop(image, [32, 32, 3], seed=crop_seed)
+  image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  return _resize(image, size)
+
+
+def _cifar_eval(example, size):
+  return _resize(example["image"], size)
+
+
+def _imagenet_train(example, seed, size):
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  data = example["image"]
+  begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.io.extract_jpeg_shape(data), tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+      seed=crop_seed, min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
+      area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+  window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
+  image = tf.io.decode_and_crop_jpeg(data, window, channels=3)
+  image = _to_uint8(tf.image.resize(image, [size, size], method="bilinear"))
+  return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
+def _imagenet_eval(example, size):
+  image = tf.io.decode_jpeg(example["image"], channels=3)
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = (size / 0.875) / tf.reduce_min(shape)
+  resized = tf.cast(tf.round(shape * scale), tf.int32)
+  image = tf.image.resize(image, resized, method="bilinear")
+  top = (resized[0] - size) // 2
+  left = (resized[1] - size) // 2
+  image = image[top:top + size, left:left + size]
+  return _to_uint8(tf.ensure_shape(image, [size, size, 3]))
+
+
+def _decoders(config):
+  return {"image": tfds.decode.SkipDecoding()} if is_imagenet(config) else None
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """A 62-bit seed for (seed, epoch); different epochs get unrelated shuffles."""
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint32).view(np.uint64)[0]
+             >> np.uint64(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets.
+
+class TrainData:
+  """This process's infinite, resumable train stream of numpy batches."""
+
+  def __init__(self, config, builder, info: DataInfo, *, local_batch: int,
+               process_index: int, process_count: int):
+    self._config = config
+    self._builder = builder
+    self._info = info
+    self._local_batch = local_batch
+    self._process_index = process_index
+    self._process_count = process_count if _global_order(config) else 1
+    self._split = _train_split(config, process_index, process_count)
+    self._cached = None
+    if config.cache and not config.shuffle_files:
+      self._cached = builder.as_dataset(split=self._split, shuffle_files=False).cache()
+
+  def _source(self, seed):
+    if self._cached is not None:
+      return self._cached
+    read = tfds.ReadConfig(shuffle_seed=seed)
+    return self._builder.as_dataset(split=self._split, shuffle_files=self._config.shuffle_files,
+                                    read_config=read, decoders=_decoders(self._config))
+
+  def epoch(self, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
+    """Batches ``skip_batches`` .. steps_per_epoch - 1 of ``epoch`` (module docstring)."""
+    config, size, batch = self._config, self._info.image_size, self._local_batch
+    seed = epoch_seed(config.seed, epoch)
+    augment = _imagenet_train if is_imagenet(config) else _cifar_train
+
+    def prepare(index, example):
+      image = augment(example, tf.stack([tf.constant(seed, tf.int64), index]), size)
+      return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+
+    read_batch = batch * self._process_count  # global batch if all processes read everything
+    ds = self._source(seed).shuffle(config.shuffle_buffer, seed=seed,
+                                    reshuffle_each_iteration=False)
+    ds = ds.take(self._info.steps_per_epoch * read_batch).enumerate()
+    ds = ds.skip(skip_batches * read_batch)
+    if self._process_count > 1:  # keep this process's rows of each global batch
+      p = self._process_index
+      ds = ds.filter(lambda i, _: (i % read_batch) // batch == p)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch, drop_remainder=True).prefetch(config.prefetch)
+
+  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Batches for steps start_step, start_step + 1, ... (forever)."""
+    epoch, skip = divmod(start_step, self._info.steps_per_epoch)
+    while True:
+      yield from self.epoch(epoch, skip).as_numpy_iterator()
+      epoch, skip = epoch + 1, 0
+
+
+def eval_dataset(config, builder, info: DataInfo, *, local_batch: int, process_index: int,
+                 process_count: int) -> tf.data.Dataset:
+  """This process's padded eval batches {'image', 'label', 'mask'} (``info.eval_steps``)."""
+  size = info.image_size
+  preprocess = _imagenet_eval if is_imagenet(config) else _cifar_eval
+
+  def prepare(example):
+    return {"image": preprocess(example, size),
+            "label": tf.cast(example["label"], tf.int32), "mask": tf.constant(True)}
+
+  split = _eval_splits(config, process_count)[process_index]
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_decoders(config))
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0, tf.int32),
+      "mask": tf.constant(False)}).repeat()
+  ds = ds.concatenate(padding).take(info.eval_steps * local_batch)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  if config.cache:
+    ds = ds.cache()
+  return ds.prefetch(config.prefetch)
+
+
+def hide_accelerators_from_tensorflow() -> None:
+  """tf.data runs on the host: keep TensorFlow off the GPUs so JAX has their memory."""
+  tf.config.set_visible_devices([], "GPU")
