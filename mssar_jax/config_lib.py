@@ -18,34 +18,16 @@ from typing import Any
 import ml_collections
 
 from mssar_jax import backends
+from mssar_jax import datasets
 from mssar_jax import models
 from mssar_jax import recalibration
 from mssar_jax.errors import ConfigError
 
 
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-  """What the project knows of a dataset without reading it."""
-  num_classes: int
-  mean: tuple[float, float, float]   # per-channel mean of the training images, 0-255 scale
-  std: tuple[float, float, float]
-  downloadable: bool                 # TFDS can download and prepare it unattended
-
-
-DATASETS = {
-    "cifar10": Dataset(10, (125.31, 122.95, 113.87), (62.99, 62.09, 66.70), True),
-    "cifar100": Dataset(100, (129.30, 124.07, 112.43), (68.17, 65.39, 70.42), True),
-    "imagenet2012": Dataset(1000, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), False),
-}
 SCHEDULES = ("step", "cosine")
-
-
-def dataset(name: str) -> Dataset:
-  if name not in DATASETS:
-    raise ConfigError(f"config.dataset={name!r} is not supported; use one of "
-                      f"{', '.join(DATASETS)}.")
-  return DATASETS[name]
 _SIMPLE = (bool, int, float, str, tuple, type(None))
+
+
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -89,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # Bookkeeping.
   c.log_every_steps = 100
+  c.tensorboard = True            # also write TensorBoard events (needs TensorFlow)
   c.eval_every_steps = 0          # 0: only at the end
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
@@ -171,7 +154,7 @@ def validate(config, device_count: int, process_count: int) -> None:
   """Checks that need no data and no compilation; raises ConfigError naming the fix."""
   models.get_spec(config.model)                     # unknown model: ConfigError listing them
   recalibration.get_recalibration(config.recalibration)  # unknown recalibration: likewise
-  dataset(config.dataset)
+  datasets.get(config.dataset)
   if config.implementation not in backends.CHOICES:
     raise ConfigError(f"config.implementation={config.implementation!r} is unknown; use one "
                       f"of {', '.join(backends.CHOICES)}.")

@@ -47,6 +47,7 @@ except ImportError as e:  # the platform extras install it; Colab and accelerato
   raise ImportError("the input pipeline needs TensorFlow (tf.data): pip install "
                     "'mssar-jax[tf]', or tensorflow") from e
 
+from mssar_jax import datasets
 from mssar_jax import config_lib
 from mssar_jax.errors import ConfigError
 
@@ -92,7 +93,7 @@ def get_builder(config, *, process_index: int = 0, process_count: int = 1):
   builder, why = _open(config, data_dir)
   if builder is not None:
     return builder
-  if is_imagenet(config) or not config_lib.dataset(config.dataset).downloadable:
+  if is_imagenet(config) or not datasets.get(config.dataset).downloadable:
     raise ConfigError(f"dataset {config.dataset!r} not found in {where} ({why}); "
                       f"{_IMAGENET_HELP}")
   fix = (f"prepare it once with `tfds build {config.dataset} --data_dir <dir>` on a machine "

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from mssar_jax import datasets
 from mssar_jax import backends
 from mssar_jax import config_lib
 from mssar_jax.backends import cpu
@@ -100,7 +101,7 @@ def _train_step_hlo(impl):
   batch = {"image": jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.uint8),
            "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
   step = functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
-                           stats=config_lib.dataset(config.dataset))
+                           stats=datasets.get(config.dataset))
   return jax.jit(step).lower(state, batch).as_text()
 
 

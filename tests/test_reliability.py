@@ -179,6 +179,7 @@ def test_sigterm_sigint_and_kill9_resume_to_the_uninterrupted_result(tmp_path):
   out, _ = _finish(proc)
   assert f"resuming at step {done}" in out
   got = json.load(open(os.path.join(workdir, "result.json")))
+  assert got.pop("resumed_from") == done and expected.pop("resumed_from") == 0
   assert got == expected
   assert metrics_lib.read_metrics(workdir) == metrics_lib.read_metrics(straight)
   _assert_states_equal(_restore(config, straight, 16), _restore(config, workdir, 16))
@@ -237,6 +238,7 @@ def test_damaged_newest_checkpoints_are_reported_and_skipped(tmp_path, caplog):
   moved = sorted(os.listdir(os.path.join(workdir, "corrupt_checkpoints")))
   assert [m.split("-")[0] for m in moved] == ["4", "6"]  # kept, not deleted
   # Resumed from step 2 and redid steps 3-6 exactly.
+  assert again.pop("resumed_from") == 2 and first.pop("resumed_from") == 0
   assert again == first
   assert metrics_lib.read_metrics(workdir) == metrics
   assert sorted(s for s in os.listdir(ckdir) if s.isdigit()) == ["2", "4", "6"]
@@ -398,6 +400,51 @@ def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(tmp_path):
   assert stopped["preempted"] and 2 <= stopped["step"] < 40
   assert f"stopped by SIGTERM after step {stopped['step']}/40" in outs[0][0]
   assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(stopped["step"])]
+
+
+def test_two_processes_resume_from_the_same_step_after_a_damaged_checkpoint(tmp_path):
+  """Both hosts read the newest checkpoint, share what they saw, and take the same decision:
+  the damaged step is moved aside once and both resume from the step before it."""
+  config = dict(num_train_steps=6, log_every_steps=1, eval_every_steps=0,
+                checkpoint_every_steps=2, keep_checkpoints=3)
+
+  def run_both():
+    with socket.socket() as s:
+      s.bind(("localhost", 0))
+      port = s.getsockname()[1]
+    procs = [_launch(tmp_path, devices=1, overrides=config, process=(i, 2, f"localhost:{port}"))
+             for i in range(2)]
+    outs = [_finish(p) for p in procs]
+    results = [json.load(open(tmp_path / name)) for name in ("result.json", "result_1.json")]
+    return outs, results
+
+  _, first = run_both()
+  assert [r["resumed_from"] for r in first] == [0, 0]
+  os.remove(tmp_path / "checkpoints" / "6" / "state" / "manifest.ocdbt")
+  outs, again = run_both()
+  assert [r["resumed_from"] for r in again] == [4, 4]
+  assert "resuming at step 4" in outs[0][0]
+  assert again[0]["step"] == again[1]["step"] == 6
+  moved = os.listdir(tmp_path / "corrupt_checkpoints")
+  assert [m.split("-")[0] for m in moved] == ["6"]
+
+
+def test_a_storage_error_is_reported_with_its_cause_and_moves_nothing(tmp_path, monkeypatch):
+  """Not damage (a permission or network error): every host fails with the cause; no step
+  is moved aside and no older step is silently used."""
+  config = tiny.tiny_cifar_config(num_train_steps=4, eval_every_steps=0)
+  workdir = str(tmp_path / "run")
+  with tfds_mock():
+    loop.train_and_evaluate(config, workdir)
+
+  def denied(self, step, abstract, meta):
+    raise PermissionError(f"403 Forbidden reading step {step}")
+  monkeypatch.setattr(checkpoints.Checkpointer, "restore", denied)
+  with tfds_mock(), pytest.raises(checkpoints.CheckpointError,
+                                  match="cannot read checkpoint 4 .*PermissionError: 403"):
+    loop.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
 
 
 # ---- 8: determinism ------------------------------------------------------------------------

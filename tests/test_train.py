@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mssar_jax import datasets
 from mssar_jax.configs import imagenet
 from mssar_jax import data as data_lib
 from mssar_jax.storage import metrics as metrics_lib
-from mssar_jax import config_lib
 from mssar_jax.train import loop, optim, state as state_lib
 from mssar_jax.train import step as step_lib
 from mssar_jax.errors import ConfigError
@@ -102,13 +102,13 @@ def test_eval_counts_every_example_once(mock_tfds, tiny_cifar_config, eval_batch
     mesh = step_lib.make_mesh()
     data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model,
-                                        stats=config_lib.dataset("cifar10")))
+                                        stats=datasets.get("cifar10")))
     got = loop.evaluate(eval_fn, state, data, data_sharding, top5=True)
     batches = list(data.as_numpy_iterator())
   images = np.concatenate([b["image"] for b in batches])[:N]
   labels = np.concatenate([b["label"] for b in batches])[:N]
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  normalised = step_lib.normalise(jnp.asarray(images), config_lib.dataset("cifar10"))
+  normalised = step_lib.normalise(jnp.asarray(images), datasets.get("cifar10"))
   logits = np.asarray(model.apply(variables, normalised, train=False))
   assert got["eval/num_examples"] == N
   assert got["eval/accuracy"] == np.mean(logits.argmax(-1) == labels)

@@ -4,7 +4,9 @@ a kill -9, another device count or a second process).
     python tests/tiny_run.py WORKDIR --devices 8 [--overrides JSON] [--step_sleep S]
         [--process_id I --num_processes P --coordinator HOST:PORT]
 
-Mock CIFAR-10 unless the overrides set ``data_dir`` (then that TFDS copy). Writes the result of ``train_and_evaluate`` to WORKDIR/result.json (process 0). With
+Mock CIFAR-10 unless the overrides set ``data_dir`` (then that TFDS copy). WORKDIR may be
+gs:// (the caller sets the storage environment). Writes the result of ``train_and_evaluate``
+to WORKDIR/result.json (process 0; result_<i>.json for process i > 0). With
 ``--step_sleep`` every train batch is delayed by S seconds so a test can signal mid-run.
 """
 
@@ -38,8 +40,9 @@ def main():
     jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id)
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
   from mssar_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from mssar_jax.train import loop, state as state_lib  # pylint: disable=import-outside-toplevel
+  from mssar_jax.train import loop  # pylint: disable=import-outside-toplevel
   from tests import tiny  # pylint: disable=import-outside-toplevel
 
   if args.step_sleep:
@@ -65,9 +68,9 @@ def main():
     with tfds.testing.mock_data(num_examples=tiny.MOCK_EXAMPLES,
                                 policy=tfds.testing.MockPolicy.USE_CODE):
       result = loop.train_and_evaluate(config, args.workdir)
-  if jax.process_index() == 0:
-    with open(os.path.join(args.workdir, "result.json"), "w", encoding="utf-8") as f:
-      json.dump(result, f)
+  # result.json from process 0, result_<i>.json from the others (a gs:// workdir too).
+  name = "result.json" if jax.process_index() == 0 else f"result_{jax.process_index()}.json"
+  (epath.Path(args.workdir) / name).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 from ml_collections import config_dict
 from ml_collections import config_flags
 
-from mssar_jax import config_lib
+from mssar_jax import datasets
 from mssar_jax import recalibration as recal_lib
 from mssar_jax.errors import ConfigError
 from mssar_jax.models import get_model, input_size, list_models, model_arguments
@@ -47,7 +47,7 @@ def measure(name: str, recalibration: str = "none", num_classes: int | None = No
   """Trainable parameters and forward FLOPs (one image) of one configuration."""
   size = input_size(name)
   if num_classes is None:
-    num_classes = config_lib.dataset("imagenet2012" if size == 224 else "cifar10").num_classes
+    num_classes = datasets.get("imagenet2012" if size == 224 else "cifar10").num_classes
   if "scan_blocks" in model_arguments(name):
     kwargs.setdefault("scan_blocks", False)
   model = get_model(name, num_classes=num_classes, recalibration=recalibration, **kwargs)

@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from mssar_jax import datasets
 from mssar_jax import config_lib
 from mssar_jax import data
 from mssar_jax.errors import ConfigError
@@ -58,7 +59,7 @@ _STAGE = re.compile(r"^((?:stage|block)\d+)")
 
 def normalise(images: np.ndarray, dataset: str) -> np.ndarray:
   """uint8 / 0-255 images (N, H, W, 3) -> the network's normalised float32 input."""
-  return np.asarray(step_lib.normalise(jnp.asarray(images), config_lib.dataset(dataset)))
+  return np.asarray(step_lib.normalise(jnp.asarray(images), datasets.get(dataset)))
 
 
 def load_image_file(path: str, size: int, dataset: str) -> np.ndarray:

@@ -173,11 +173,11 @@ def _move_tree(src: epath.Path, dst: epath.Path) -> None:
     return
   except (OSError, NotImplementedError):
     pass
-  for path in sorted(src.glob("**/*")):
-    target = dst / path.relative_to(src)
-    if path.is_dir():
-      target.mkdir(parents=True, exist_ok=True)
-    else:
+  key = lambda p: str(p).split("://", 1)[-1].rstrip("/")  # walk() drops the scheme
+  for root, _, files in src.walk():
+    relative = key(root)[len(key(src)):].lstrip("/")
+    for name in files:
+      target = dst / relative / name
       target.parent.mkdir(parents=True, exist_ok=True)
-      path.copy(target)
+      (src / relative / name).copy(target)
   src.rmtree()

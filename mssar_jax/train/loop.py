@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mssar_jax import datasets
 from mssar_jax import backends
 from mssar_jax import config_lib
 from mssar_jax import cpu_process
@@ -124,7 +125,7 @@ def build(config, workdir) -> Run:
   data_sharding = jax.sharding.NamedSharding(mesh, P("data"))
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-  stats = config_lib.dataset(config.dataset)
+  stats = datasets.get(config.dataset)
   step_fn = jax.jit(
       functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
                         stats=stats, label_smoothing=config.label_smoothing),
@@ -200,7 +201,8 @@ def _due(step: int, every: int, last: int) -> bool:
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
   """Trains and evaluates ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
-  Returns the final eval metrics plus 'step' (and 'preempted' if a signal stopped it).
+  Returns the final eval metrics plus 'step' and 'resumed_from' (the step it started at; and
+  'preempted', the signal, if one stopped it).
   Raises ConfigError, before compiling anything or touching the workdir, for an invalid
   config or missing dataset.
   """
@@ -215,14 +217,16 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   start_step, state = restore_or_init(run, ckpt)
   if process == 0:
     metrics_lib.write_config(run.workdir, config)
-  writer = metrics_lib.MetricsWriter(run.workdir, resume_step=start_step, enabled=process == 0)
+  writer = metrics_lib.MetricsWriter(run.workdir, resume_step=start_step, enabled=process == 0,
+                                     tensorboard=config.tensorboard)
   progress = progress_lib.Progress(total_steps=run.total_steps, start_step=start_step,
                                    global_batch=config.batch_size, enabled=process == 0)
   for line in lines + [_describe(run, start_step), f"implementation: {run.impl.impl.name} "
                        f"({run.impl.reason}); compilation cache: {cache or 'off'}"]:
     progress.print(line)
   try:
-    result = _loop(run, state, start_step, ckpt, writer, progress)
+    result = {**_loop(run, state, start_step, ckpt, writer, progress),
+              "resumed_from": start_step}
   finally:
     ckpt.close()
     writer.close()

@@ -9,7 +9,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from mssar_jax import config_lib
+from mssar_jax import datasets
 from mssar_jax.models import Implementation, get_model
 
 
@@ -44,7 +44,7 @@ def checkpoint_meta(config, image_size: int) -> dict[str, Any]:
   """What a checkpoint must agree on to be resumed (JSON-normalised)."""
   meta = {"model": config.model, "recalibration": config.recalibration,
           "dataset": config.dataset,
-          "num_classes": config_lib.dataset(config.dataset).num_classes,
+          "num_classes": datasets.get(config.dataset).num_classes,
           "image_size": image_size, "model_kwargs": config.model_kwargs.to_dict(),
           "recalibration_kwargs": config.recalibration_kwargs.to_dict()}
   return json.loads(json.dumps(meta))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mssar_jax import config_lib
+from mssar_jax import datasets
 from mssar_jax.train import optim
 from mssar_jax.train.state import TrainState
 
@@ -24,14 +24,14 @@ def make_mesh() -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def normalise(images, stats: config_lib.Dataset):
+def normalise(images, stats: datasets.Dataset):
   """uint8 (or 0-255 float) images -> (x - mean) / std per channel, float32."""
   mean = jnp.asarray(stats.mean, jnp.float32)
   std = jnp.asarray(stats.std, jnp.float32)
   return (images.astype(jnp.float32) - mean) / std
 
 
-def train_step(state: TrainState, batch, *, model, tx, schedule, stats: config_lib.Dataset,
+def train_step(state: TrainState, batch, *, model, tx, schedule, stats: datasets.Dataset,
                label_smoothing: float = 0.0):
   """One SGD step on a global batch; returns the new state and the batch's mean metrics."""
   images = normalise(batch["image"], stats)
@@ -54,7 +54,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, stats: config_l
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, *, model, stats: config_lib.Dataset):
+def eval_step(state: TrainState, batch, *, model, stats: datasets.Dataset):
   """Masked sums over a padded eval batch: correct top-1/top-5, loss, example count."""
   logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                        normalise(batch["image"], stats), train=False)

@@ -23,6 +23,7 @@ from etils import epath
 import jax
 import ml_collections
 
+from mssar_jax import datasets
 from mssar_jax import config_lib
 from mssar_jax.errors import ConfigError
 from mssar_jax.storage import checkpoints
@@ -69,7 +70,7 @@ def load(workdir, step: int | None = None) -> Trained:
   the requested step.
   """
   config = read_config(workdir)
-  num_classes = config_lib.dataset(config.dataset).num_classes
+  num_classes = datasets.get(config.dataset).num_classes
   image_size = config_lib.image_size(config)
   model = state_lib.create_model(config, num_classes)
   # The optimiser only shapes the abstract opt_state; the schedule's values do not matter.
