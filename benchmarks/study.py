@@ -15,6 +15,17 @@ line: final accuracy, training time, machine, commit), copied when the run ends;
 interrupted run resumes from its checkpoint when the command is run again. While the file
 ``<runs>/PAUSE`` exists no run is (re)started: ``touch <runs>/PAUSE`` and SIGTERM the
 trainer to lend the machine to something else; remove the file and the run resumes.
+``--set KEY=VALUE`` overrides come after the tool's own settings, so they win: a shortened run
+(tests) can set ``num_train_steps``, ``eval_every_steps``, ``log_every_steps``,
+``checkpoint_every_steps``, ``train_split``, ``batch_size``, ... without changing the defaults.
+
+``report`` reads only the recorded runs under ``--runs`` (each ``<variant>[suffix]_seed<seed>/``
+directory with a ``summary.json``; of it only ``config.json``, ``metrics.jsonl``,
+``perf.jsonl`` and ``summary.json``) and writes ``<out>/results.md`` and ``<out>/curves.png``:
+per variant the final test accuracy, the mean of the last three evaluations and the best; the
+paired differences between variants over the seeds both have (runs of one seed see the same
+data order): mean, standard error (sample std / sqrt(n)) and range; the training time and
+steps to first reach 85% and 88% test accuracy. It needs neither JAX nor the workdirs.
 """
 
 from __future__ import annotations
@@ -23,9 +34,12 @@ import argparse
 import datetime
 import json
 import os
+import math
 import platform
+import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -35,6 +49,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("none", "se", "ms_sar")
 TRAIN_EXAMPLES = 50_000
 RECORD_FILES = ("config.json", "metrics.jsonl", "perf.jsonl")
+DEFAULT_OUT = os.path.join(ROOT, "docs", "study")
+DEFAULT_RUNS = os.path.join(DEFAULT_OUT, "runs")
 
 
 def steps_per_epoch(batch_size: int) -> int:
@@ -122,8 +138,11 @@ def machine() -> dict:
 def commit_of(path: str) -> str:
   rev = subprocess.run(["git", "-C", path, "rev-parse", "--short=12", "HEAD"],
                        capture_output=True, text=True, check=False).stdout.strip()
+  # GIT_OPTIONAL_LOCKS=0: `git status` does not refresh (write) the index, so it never holds
+  # the index lock that a concurrent `git add` of a finished run needs.
   dirty = subprocess.run(["git", "-C", path, "status", "--porcelain", "--untracked-files=no"],
-                         capture_output=True, text=True, check=False).stdout.strip()
+                         capture_output=True, text=True, check=False,
+                         env=dict(os.environ, GIT_OPTIONAL_LOCKS="0")).stdout.strip()
   return rev + ("-dirty" if dirty else "") if rev else "unknown"
 
 
@@ -210,6 +229,490 @@ def train(args) -> int:
   return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# report: the tables and the figure, from the recorded runs alone
+# ---------------------------------------------------------------------------------------------
+
+REPORT_FILES = (*RECORD_FILES, "summary.json")
+THRESHOLDS = (0.85, 0.88)
+STANDARD_PAIRS = (("ms_sar", "se"), ("ms_sar", "none"), ("se", "none"))
+SHARED_CPU = 0.05  # other processes' share of the CPU above which a run's timings are suspect
+_RUN_NAME = re.compile(r"^(?P<variant>.+)_seed(?P<seed>\d+)$")
+
+
+def _read_json(path: str) -> dict:
+  with open(path, encoding="utf-8") as f:
+    return json.loads(f.read())
+
+
+def split_examples(split: str, total: int = TRAIN_EXAMPLES) -> int:
+  """Examples in a TFDS split of the ``total``-example train split: 'train' -> total,
+  'train[:512]' -> 512, 'train[10%:]' -> 90% of total; anything else -> total."""
+  m = re.fullmatch(r"\s*\w+\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*", split)
+  if not m:
+    return total
+
+  def bound(text, default):
+    if text is None:
+      return default
+    value = (total * int(text[:-1]) // 100) if text.endswith("%") else int(text)
+    return min(max(value + total if value < 0 else value, 0), total)
+
+  return max(bound(m.group(2), total) - bound(m.group(1), 0), 0)
+
+
+class Run:
+  """One recorded run: its four files and what the report derives from them."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.name = os.path.basename(os.path.normpath(path))
+    self.config = _read_json(os.path.join(path, "config.json"))
+    self.summary = _read_json(os.path.join(path, "summary.json"))
+    self.metrics = _by_step(_records(os.path.join(path, "metrics.jsonl")))
+    self.perf = _by_step(_records(os.path.join(path, "perf.jsonl")))
+    m = _RUN_NAME.match(self.name)
+    self.variant = m.group("variant") if m else str(self.summary["variant"])
+    self.seed = int(self.summary.get("seed", m.group("seed") if m else 0))
+    self.base = str(self.summary.get("variant", self.config.get("recalibration", "")))
+    self.evals = [(r["step"], float(r["eval/accuracy"])) for r in self.metrics
+                  if "eval/accuracy" in r]
+    self.losses = [(r["step"], float(r["train/loss"])) for r in self.metrics
+                   if "train/loss" in r]
+    self.seconds = {r["step"]: float(r["train_seconds"]) for r in self.perf}
+    if not self.evals:
+      raise ValueError("metrics.jsonl has no evaluation")
+    batch = int(self.config["batch_size"])
+    self.steps_per_epoch = max(split_examples(str(self.config.get("train_split", "train")))
+                               // batch, 1)
+
+  @property
+  def final(self) -> float:
+    return self.evals[-1][1]
+
+  @property
+  def last3(self) -> float:
+    return statistics.fmean(a for _, a in self.evals[-3:])
+
+  @property
+  def best(self) -> tuple[float, int]:
+    """(best accuracy, its first step)."""
+    accuracy, step = max((a, -s) for s, a in self.evals)
+    return accuracy, -step
+
+  def reach(self, threshold: float):
+    """(step, training seconds or None) of the first evaluation at >= threshold, else None."""
+    for step, accuracy in self.evals:
+      if accuracy >= threshold:
+        return step, self.seconds.get(step)
+    return None
+
+
+def _by_step(records: list[dict]) -> list[dict]:
+  """Records sorted by step, the last one of a repeated step kept."""
+  return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
+
+
+def load_runs(runs_dir: str) -> tuple[list[Run], list[str]]:
+  """The recorded runs under ``runs_dir`` (directories holding a summary.json) and the
+  problems met (a record that cannot be read is skipped and named)."""
+  runs, problems = [], []
+  for name in sorted(os.listdir(runs_dir)):
+    path = os.path.join(runs_dir, name)
+    if not os.path.isfile(os.path.join(path, "summary.json")):
+      continue
+    missing = [f for f in RECORD_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+      problems.append(f"{name}: skipped, no {', '.join(missing)}")
+      continue
+    try:
+      run = Run(path)
+    except (ValueError, KeyError, TypeError) as e:
+      problems.append(f"{name}: skipped, unreadable record ({e})")
+      continue
+    last_step, last_accuracy = run.evals[-1]
+    if run.summary.get("steps") != last_step or not math.isclose(
+        float(run.summary.get("test_accuracy", -1)), last_accuracy, abs_tol=1e-9):
+      problems.append(f"{name}: summary.json (step {run.summary.get('steps')}, accuracy "
+                      f"{run.summary.get('test_accuracy')}) disagrees with metrics.jsonl's "
+                      f"last evaluation (step {last_step}, {last_accuracy})")
+    runs.append(run)
+  return runs, problems
+
+
+def variant_order(runs: list[Run]) -> list[str]:
+  """none, se, ms_sar first, then suffixed variants after their base variant."""
+  bases = {r.variant: r.base for r in runs}
+
+  def key(v):
+    base = bases[v]
+    return (VARIANTS.index(base) if base in VARIANTS else len(VARIANTS), v != base, v)
+
+  return sorted(bases, key=key)
+
+
+def _stats(values: list[float]) -> dict:
+  n = len(values)
+  std = statistics.stdev(values) if n > 1 else None
+  return {"n": n, "mean": statistics.fmean(values) if n else None, "std": std,
+          "se": std / math.sqrt(n) if std is not None else None,
+          "min": min(values) if n else None, "max": max(values) if n else None}
+
+
+def paired(runs: list[Run], a: str, b: str) -> dict:
+  """a - b over the seeds both variants have: final accuracy and mean of the last three."""
+  by_a = {r.seed: r for r in runs if r.variant == a}
+  by_b = {r.seed: r for r in runs if r.variant == b}
+  seeds = sorted(set(by_a) & set(by_b))
+  return {"a": a, "b": b, "seeds": seeds,
+          "final": _stats([by_a[s].final - by_b[s].final for s in seeds]),
+          "last3": _stats([by_a[s].last3 - by_b[s].last3 for s in seeds])}
+
+
+def analyse(runs: list[Run]) -> dict:
+  """Every number of the report (fractions, not percent)."""
+  variants = variant_order(runs)
+  per_variant = {}
+  for v in variants:
+    rs = sorted((r for r in runs if r.variant == v), key=lambda r: r.seed)
+    reach = {}
+    for t in THRESHOLDS:
+      hits = [r.reach(t) for r in rs]
+      done = [h for h in hits if h is not None]
+      reach[t] = {"reached": len(done), "of": len(rs),
+                  "steps": statistics.fmean(h[0] for h in done) if done else None,
+                  "seconds": (statistics.fmean(h[1] for h in done)
+                              if done and all(h[1] is not None for h in done) else None)}
+    per_variant[v] = {"seeds": [r.seed for r in rs],
+                      "final": _stats([r.final for r in rs]),
+                      "last3": _stats([r.last3 for r in rs]),
+                      "best": _stats([r.best[0] for r in rs]),
+                      "reach": reach}
+  pairs = [(a, b) for a, b in STANDARD_PAIRS]
+  for i in range(len(variants) - 1, 0, -1):
+    for j in range(i - 1, -1, -1):
+      if (variants[i], variants[j]) not in pairs:
+        pairs.append((variants[i], variants[j]))
+  per_run = {}
+  for r in runs:
+    per_run[r.name] = {
+        "variant": r.variant, "seed": r.seed, "final": r.final, "last3": r.last3,
+        "best": r.best, "reach": {t: r.reach(t) for t in THRESHOLDS},
+        "images_per_second": r.summary.get("images_per_second"),
+        "other_cpu_share": r.summary.get("other_cpu_share"),
+        "steps_per_epoch": r.steps_per_epoch}
+  return {"variants": variants, "per_variant": per_variant,
+          "pairs": [paired(runs, a, b) for a, b in pairs], "per_run": per_run}
+
+
+def _pct(x) -> str:
+  return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _pp(x, sign: bool = True) -> str:
+  return "n/a" if x is None else (f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}")
+
+
+def _minutes(seconds) -> str:
+  return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def _mean_std(s: dict) -> str:
+  return f"{_pct(s['mean'])} ± {_pp(s['std'], sign=False)}"
+
+
+def _reach_cell(run: Run, threshold: float) -> str:
+  hit = run.reach(threshold)
+  if hit is None:
+    accuracy, step = run.best
+    return f"not reached (best {_pct(accuracy)} at step {step})"
+  step, seconds = hit
+  return f"step {step} (epoch {step / run.steps_per_epoch:.1f}), {_minutes(seconds)}"
+
+
+def _steps(config: dict) -> tuple[int, int, int, list[int]]:
+  """(steps per epoch, total steps, warm-up steps, lr drop steps) as the trainer computes
+  them (mssar_jax/train/optim.py)."""
+  batch = int(config["batch_size"])
+  per_epoch = max(split_examples(str(config.get("train_split", "train"))) // batch, 1)
+  total = (int(config["num_train_steps"]) if config.get("num_train_steps", -1) > 0
+           else int(config["num_epochs"] * per_epoch))
+  warm = int(config.get("warmup_steps", 0))
+  if warm < 0:
+    warm = int(round(config.get("warmup_epochs", 0.0) * per_epoch))
+  warm = min(warm, total)
+  drops = ([warm + int(round(b * max(total - warm, 1))) for b in config["lr_boundaries"]]
+           if config.get("lr_schedule", "step") == "step" else [])
+  return per_epoch, total, warm, drops
+
+
+def _schedule(config: dict) -> str:
+  batch = int(config["batch_size"])
+  per_epoch, total, warm, steps = _steps(config)
+  lr = config["learning_rate"] * batch / config.get("reference_batch_size", batch)
+  if config.get("lr_schedule", "step") == "step":
+    decay = (f", x{config['lr_decay_factor']:g} at "
+             + " and ".join(f"{100 * b:g}%" for b in config["lr_boundaries"])
+             + f" (steps {', '.join(map(str, steps))})")
+  else:
+    decay = f", {config['lr_schedule']} decay"
+  momentum = ("Nesterov " if config.get("nesterov") else "") + f"momentum {config['momentum']:g}"
+  epochs = total / per_epoch
+  return (f"{epochs:g} epoch{'' if epochs == 1 else 's'} ({total} steps of batch {batch}, "
+          f"{per_epoch} steps per epoch on `{config.get('train_split', 'train')}`), "
+          f"SGD {momentum}, lr {lr:g}{decay}" + (f", {warm} warm-up steps" if warm else "")
+          + f", weight decay {config['weight_decay']:g}"
+          + ("" if config.get("weight_decay_on_bn_and_bias", True)
+             else " (not on BatchNorm and biases)")
+          + f"; evaluated on `{config.get('eval_split', 'test')}` every "
+          f"{config['eval_every_steps']} steps")
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict) and value:
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = json.dumps(value, sort_keys=True)
+  return flat
+
+
+def _config_differences(runs: list[Run]) -> list[str]:
+  """'key: value (runs)' for config keys that differ between runs, seed and variant aside."""
+  flats = {r.name: _flatten(r.config) for r in runs}
+  keys = sorted(set().union(*flats.values()) - {"seed", "recalibration", "data_dir"})
+  lines = []
+  for key in keys:
+    values = {}
+    for r in runs:
+      values.setdefault(flats[r.name].get(key, "(unset)"), []).append(r.name)
+    if len(values) > 1:
+      lines.append(f"`{key}`: " + "; ".join(f"{v} ({', '.join(names)})"
+                                             for v, names in values.items()))
+  return lines
+
+
+def _shown(path: str) -> str:
+  """A path relative to the repository root when inside it, else absolute."""
+  path = os.path.abspath(path)
+  inside = os.path.commonpath([path, ROOT]) == ROOT
+  return os.path.relpath(path, ROOT) if inside else path
+
+
+def render_markdown(runs: list[Run], analysis: dict, problems: list[str], *,
+                    command: str) -> str:
+  variants, pv = analysis["variants"], analysis["per_variant"]
+  lines = ["# Study: cifar_resnet20 with none / se / ms_sar on CIFAR-10", ""]
+  if not runs:
+    return "\n".join(lines + ["No recorded runs yet.", "", f"Regenerate: `{command}`", ""])
+  config = runs[0].config
+  summaries = [r.summary for r in runs]
+  finished_at = sorted(str(s.get("finished", "")) for s in summaries)
+  machines = {}
+  for r in runs:
+    s = r.summary
+    avx = ", AVX-512" if s.get("avx512") else ""
+    machines.setdefault(f"{s.get('cpu', '?')} ({s.get('cores', '?')} cores{avx}), "
+                        f"Python {s.get('python', '?')}", []).append(r.name)
+  commits = {}
+  for r in runs:
+    commits.setdefault(str(r.summary.get("commit", "?")), []).append(r.name)
+
+  def grouped(groups):
+    if len(groups) == 1:
+      return next(iter(groups))
+    return "; ".join(f"{k} ({', '.join(v)})" for k, v in groups.items())
+
+  lines += [
+      f"{len(runs)} recorded run(s) of `configs/cifar.py:cifar10,cifar_resnet20,<variant>`: "
+      f"{_schedule(config)}.",
+      "",
+      f"- Report written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
+      f"from the records in `{_shown(os.path.dirname(runs[0].path))}/`; runs finished "
+      f"{finished_at[0][:10]}"
+      + (f" to {finished_at[-1][:10]}." if finished_at[-1][:10] != finished_at[0][:10] else "."),
+      f"- Machine: {grouped(machines)}; one run after the other.",
+      f"- Code: commit {grouped(commits)}.",
+  ]
+  differences = _config_differences(runs)
+  if differences:
+    lines.append("- Config differences between runs (seed and variant aside): "
+                 + " | ".join(differences) + ".")
+  lines += ["", "## Per variant", "",
+            "Test accuracy on the whole test split; ± sample standard deviation over seeds in "
+            "percentage points (n/a for one seed). Last-3: mean of the last three evaluations "
+            "of a run. Time to accuracy: mean over the seeds that reached it, of the first "
+            "evaluation at or above the threshold; time is training time (perf.jsonl's "
+            "train_seconds: compilation, evaluations and checkpoint saves excluded).",
+            "",
+            "| variant | seeds | final test accuracy | last-3 evals | best (mean) | "
+            + " | ".join(f"to {100 * t:g}%" for t in THRESHOLDS) + " |",
+            "|---|---|---:|---:|---:|" + "---:|" * len(THRESHOLDS)]
+  for v in variants:
+    p = pv[v]
+    cells = []
+    for t in THRESHOLDS:
+      reach = p["reach"][t]
+      if reach["reached"]:
+        epoch = reach["steps"] / statistics.fmean(r.steps_per_epoch for r in runs
+                                                   if r.variant == v)
+        cells.append(f"{reach['reached']}/{reach['of']} seeds: {reach['steps']:.0f} steps "
+                     f"(epoch {epoch:.1f}), {_minutes(reach['seconds'])}")
+      else:
+        cells.append(f"not reached by {reach['of']} seed(s) (best {_pct(p['best']['max'])})")
+    lines.append(f"| {v} | {', '.join(map(str, p['seeds']))} | {_mean_std(p['final'])} | "
+                 f"{_mean_std(p['last3'])} | {_pct(p['best']['mean'])} | "
+                 + " | ".join(cells) + " |")
+  lines += ["", "## Paired differences", "",
+            "Runs of the same seed see the same data order, so variants are compared seed by "
+            "seed, over the seeds both have (n). In percentage points: mean difference, its "
+            "standard error (sample std of the n differences / sqrt(n); n/a for n = 1) and "
+            "the range of the differences.",
+            "",
+            "| difference | seeds (n) | final: mean | SE | range | last-3: mean | SE | range |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+  for pair in analysis["pairs"]:
+    label = f"{pair['a']} - {pair['b']}"
+    if not pair["seeds"]:
+      missing = [v for v in (pair["a"], pair["b"]) if v not in variants]
+      why = (f"{' and '.join(missing)} not recorded yet" if missing else "no seed in common")
+      lines.append(f"| {label} | {why} | | | | | | |")
+      continue
+    cells = []
+    for key in ("final", "last3"):
+      s = pair[key]
+      cells += [_pp(s["mean"]), _pp(s["se"], sign=False),
+                f"{_pp(s['min'])} to {_pp(s['max'])}"]
+    lines.append(f"| {label} | {', '.join(map(str, pair['seeds']))} ({len(pair['seeds'])}) | "
+                 + " | ".join(cells) + " |")
+  lines += ["", "## Per run", "",
+            f"img/s: summary.json's steps x batch / training seconds. Other CPU: share of the "
+            f"machine's CPU time used by other processes during the run; above "
+            f"{100 * SHARED_CPU:g}% the run's times are marked \"machine shared\" (its "
+            f"accuracy is unaffected, its times are inflated).",
+            "",
+            "| run | seed | final | last-3 | best (step) | "
+            + " | ".join(f"to {100 * t:g}%" for t in THRESHOLDS)
+            + " | img/s | other CPU |",
+            "|---|---:|---:|---:|---:|" + "---|" * len(THRESHOLDS) + "---:|---:|"]
+  for v in variants:
+    for r in sorted((r for r in runs if r.variant == v), key=lambda r: r.seed):
+      share = r.summary.get("other_cpu_share")
+      shared = (f"{100 * share:.0f}%" + (" machine shared" if share > SHARED_CPU else "")
+                if share is not None else "n/a")
+      accuracy, step = r.best
+      lines.append(f"| {r.name} | {r.seed} | {_pct(r.final)} | {_pct(r.last3)} | "
+                   f"{_pct(accuracy)} ({step}) | "
+                   + " | ".join(_reach_cell(r, t) for t in THRESHOLDS)
+                   + f" | {r.summary.get('images_per_second', 'n/a')} | {shared} |")
+  lines += ["", "![Test accuracy and train loss per epoch](curves.png)", "",
+            "Curves: mean over seeds, band from the lowest to the highest seed.", ""]
+  if problems:
+    lines += ["## Problems with the records", ""] + [f"- {p}" for p in problems] + [""]
+  lines += ["## Reproduce", "", "This file and curves.png, from the records alone:", "",
+            "```bash", command, "```", "",
+            "Each run (summary.json's command; `python benchmarks/study.py train` runs the "
+            "missing ones and records them):", "", "```bash"]
+  lines += [str(r.summary.get("command", f"# {r.name}: no command recorded"))
+            for v in variants for r in sorted((r for r in runs if r.variant == v),
+                                              key=lambda r: r.seed)]
+  lines += ["```", ""]
+  return "\n".join(lines)
+
+
+_COLORS = {"none": "tab:gray", "se": "tab:blue", "ms_sar": "tab:red"}
+_EXTRA_COLORS = ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive")
+
+
+def _band(series: list[list[tuple[int, float]]]):
+  """Steps, mean, min, max over the runs having each step."""
+  values = {}
+  for points in series:
+    for step, value in points:
+      values.setdefault(step, []).append(value)
+  steps = sorted(values)
+  return (steps, [statistics.fmean(values[s]) for s in steps],
+          [min(values[s]) for s in steps], [max(values[s]) for s in steps])
+
+
+def curves_figure(runs: list[Run]):
+  """Test accuracy and train loss against epochs per variant: mean over seeds, min-max band;
+  an inset enlarges the test accuracy from the first lr drop on."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(11.0, 4.5), layout="constrained")
+  acc_ax, loss_ax = fig.subplots(1, 2)
+  per_epoch, _, _, drops = _steps(runs[0].config) if runs else (1, 0, 0, [])
+  zoom_from = drops[0] / per_epoch if drops else None
+  zoom = acc_ax.inset_axes([0.42, 0.07, 0.55, 0.5]) if zoom_from is not None else None
+  zoom_values = []
+  extra = iter(_EXTRA_COLORS * 4)
+  for v in variant_order(runs):
+    rs = [r for r in runs if r.variant == v]
+    color = _COLORS.get(v) or next(extra)
+    label = f"{v} ({len(rs)} seed{'s' if len(rs) > 1 else ''})"
+    for ax, attr, scale in ((acc_ax, "evals", 100.0), (zoom, "evals", 100.0),
+                            (loss_ax, "losses", 1.0)):
+      if ax is None:
+        continue
+      epochs, mean, low, high = _band([[(s / r.steps_per_epoch, x * scale)
+                                        for s, x in getattr(r, attr)] for r in rs])
+      ax.plot(epochs, mean, color=color, label=label, marker="." if attr == "evals" else None)
+      if len(rs) > 1:
+        ax.fill_between(epochs, low, high, color=color, alpha=0.2, linewidth=0)
+      if ax is zoom:
+        zoom_values += [x for e, lo, hi in zip(epochs, low, high) if e >= zoom_from
+                        for x in (lo, hi)]
+  for ax in (acc_ax, zoom):
+    for t in THRESHOLDS if ax is not None else ():
+      ax.axhline(100 * t, color="black", linewidth=0.6, linestyle=":")
+  for t in THRESHOLDS:
+    acc_ax.annotate(f"{100 * t:g}%", (0, 100 * t), xycoords=("axes fraction", "data"),
+                    xytext=(2, 2), textcoords="offset points", fontsize=8)
+  for ax in (acc_ax, loss_ax, zoom):
+    for i, step in enumerate(drops if ax is not None else ()):
+      ax.axvline(step / per_epoch, color="black", linewidth=0.6, linestyle="--",
+                 label="lr drop" if i == 0 else None)
+  if zoom is not None and zoom_values:
+    last = max(r.evals[-1][0] / r.steps_per_epoch for r in runs)
+    low, high = min(zoom_values), max(zoom_values)
+    pad = max(0.1 * (high - low), 0.2)
+    zoom.set_xlim(zoom_from - 0.02 * (last - zoom_from), last + 0.03 * (last - zoom_from))
+    zoom.set_ylim(low - pad, high + pad)
+    zoom.tick_params(labelsize=7)
+    zoom.grid(alpha=0.3)
+    zoom.set_title("from the first lr drop", fontsize=8)
+  acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)",
+             title="Test accuracy (mean over seeds, min-max band)")
+  loss_ax.set(xlabel="epoch", ylabel="train loss", title="Train loss (mean, min-max band)")
+  acc_ax.grid(alpha=0.3)
+  loss_ax.grid(alpha=0.3)
+  loss_ax.legend()
+  if zoom is None:
+    acc_ax.legend()
+  return fig
+
+
+def report(args) -> int:
+  runs, problems = load_runs(args.runs)
+  analysis = analyse(runs)
+  command = "python benchmarks/study.py report" + "".join(
+      f" --{k} {shlex.quote(_shown(getattr(args, k)))}"
+      for k, default in (("runs", DEFAULT_RUNS), ("out", DEFAULT_OUT))
+      if os.path.abspath(getattr(args, k)) != os.path.abspath(default))
+  text = render_markdown(runs, analysis, problems, command=command)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  fig = curves_figure(runs)
+  fig.savefig(os.path.join(args.out, "curves.png"), dpi=100)
+  print(f"study: {len(runs)} run(s) reported in {os.path.join(args.out, 'results.md')} and "
+        f"curves.png", flush=True)
+  for p in problems:
+    print(f"study: {p}", file=sys.stderr)
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python benchmarks/study.py", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,17 +720,23 @@ def main(argv=None) -> int:
   t = sub.add_parser("train", help="train the runs not yet recorded")
   t.add_argument("--data_dir", required=True, help="TFDS data_dir holding cifar10")
   t.add_argument("--runs", required=True, help="where the run workdirs (checkpoints) go")
-  t.add_argument("--out", default=os.path.join(ROOT, "docs", "study", "runs"))
+  t.add_argument("--out", default=DEFAULT_RUNS, help="where finished runs are recorded")
   t.add_argument("--epochs", type=int, default=15)
   t.add_argument("--seeds", default="0,1,2")
   t.add_argument("--variants", default=",".join(VARIANTS))
   t.add_argument("--suffix", default="", help="added to the variant in run names")
   t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="config override for every run, e.g. recalibration_kwargs.x=1")
+                 help="config override for every run, e.g. recalibration_kwargs.x=1; it "
+                 "comes after the tool's own settings (eval/log/checkpoint cadence), so it wins")
   t.add_argument("--commit", action="store_true", help="git commit each run's record")
+  r = sub.add_parser("report", help="results.md and curves.png from the recorded runs")
+  r.add_argument("--runs", default=DEFAULT_RUNS, help="the recorded runs (train's --out)")
+  r.add_argument("--out", default=DEFAULT_OUT, help="where results.md and curves.png go")
   args = parser.parse_args(argv)
   if args.command == "train":
     return train(args)
+  if args.command == "report":
+    return report(args)
   return 2
 
 
