@@ -1,33 +1,59 @@
 """Speed benchmark: train/eval throughput of none / se / ms_sar, compile time, parameters,
-memory, the CIFAR-10 input pipeline, and (optionally) a PyTorch reference, in one run.
+memory, the CIFAR-10 and ImageNet input pipelines, JAX's persistent compilation cache, and
+(optionally) a PyTorch reference, in one run.
 
-    python -m mssar_jax.bench                                  # cifar_resnet56, batch 128
-    python -m mssar_jax.bench --torch-python /work/torch_venv/bin/python --compile
-    python -m mssar_jax.bench --quick                          # CI smoke run (< 2 minutes)
+    python benchmarks/bench.py                                  # cifar_resnet56, batch 128
+    python benchmarks/bench.py --torch-python /work/torch_venv/bin/python --compile
+    python benchmarks/bench.py --quick --data-dir "$MSSAR_TFDS_DATA_DIR" --json out.json  # CI
+    python benchmarks/bench.py --implementation xla            # plain flax layers, XLA's convs
 
 Everything that is compared is measured side by side: after one untimed round, every round
 times ``--steps`` train steps of each arm in turn (none, se, ms_sar, the PyTorch subprocess,
 ...), so load from other processes hits all arms alike; the table reports medians over
-rounds, and ratios are the medians of the per-round ratios. Wall time is what counts; process CPU time per step is
-reported too (less sensitive to other jobs on a shared machine).
+rounds, and ratios are the medians of the per-round ratios. Wall time is what counts; process
+CPU time per step is reported too (less sensitive to other jobs on a shared machine).
 
-The train step is the trainer's own ``train.train_step``: forward in train mode with BatchNorm updates, softmax
-cross-entropy, gradients, SGD momentum 0.9 with coupled weight decay 1e-4 (``optim``), state
-donated; one device. Eval is the inference forward pass. ``peak MB`` is XLA's buffer
+The train step is the trainer's own ``mssar_jax.train.step.train_step``: uint8 images
+normalised on the device, forward in train mode with BatchNorm updates, softmax
+cross-entropy, gradients, SGD momentum 0.9 with coupled weight decay 1e-4 (``train.optim``),
+state donated; one device. Eval is the trainer's ``eval_step`` (inference forward, masked
+top-1 / top-5 / loss sums). The layers are computed as ``--implementation`` says
+(``mssar_jax.backends.choose`` for one device: ``auto`` = ``cpu`` on a CPU, i.e. oneDNN FFI
+convolutions, two-pass BatchNorm, folded recalibration, gate kernels, block barriers).
+``compile s`` is XLA's compile time of the train step (JAX's persistent compilation cache is
+off for it, so it is a compilation, never a cache load); ``peak MB`` is XLA's buffer
 assignment for the compiled step (arguments + outputs + temporaries - aliased); the process
-maximum RSS is reported once. The PyTorch reference (``benchmarks/torch_resnet.py``, run with
-the interpreter given by ``--torch-python``; torch is never imported here) is the same
-CIFAR ResNet train step, eager, with ``--torch-threads`` threads (default: the CPU count,
-which is what XLA:CPU uses). Output: a markdown table on stdout, JSON in ``--json``.
-Run as a program it first re-runs itself with the trainer's glibc malloc tunables
-(``malloc_tuning``; the PyTorch subprocess inherits them), so it times the step as
-``train.py`` runs it.
+maximum RSS is reported once.
+
+The PyTorch reference (``benchmarks/torch_resnet.py``, run with the interpreter given by
+``--torch-python``; torch is never imported here) is the same CIFAR ResNet train step, eager,
+on float images, with ``--torch-threads`` threads (default: the CPU count, which is what
+XLA:CPU uses). When the JAX arms use oneDNN convolutions, a JAX arm with XLA's own
+convolutions (the same CPU implementation otherwise) is timed against PyTorch too.
+
+Input pipelines (``mssar_jax.data.TrainData``, read alone, after their first batch): the
+CIFAR-10 train stream (pad 4, random crop 32, random flip; cached decoded images) and the
+ImageNet train stream (``configs/imagenet.py:resnet50,none``: TFDS JPEG decode fused with a
+random-resized crop, resize to 224, random flip; no cache) on the imagenet2012 data in
+``--data-dir`` (a 1,000-image sample suffices). Both are reported in img/s, per CPU core this
+process may use (``os.sched_getaffinity``) and per second of process CPU time.
+
+Persistent compilation cache: ``--compile-cache-model``'s train step is traced and compiled
+in a fresh process with an empty ``jax_compilation_cache_dir``
+(``jax_persistent_cache_min_compile_time_secs=0``), then again in a second fresh process
+reusing that directory; both times and the ratio are reported (``--quick``: the quick
+network with ms_sar at the quick batch).
+
+Output: a markdown table on stdout, JSON in ``--json``. Run as a program it first re-runs
+itself with the trainer's glibc malloc tunables (``mssar_jax.cpu_process``; the PyTorch and
+cache-probe subprocesses inherit them), so it times the step as ``train.py`` runs it.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import functools
 import json
 import os
@@ -35,93 +61,142 @@ import pathlib
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
+if __name__ == "__main__":
+  # Measure the step as train.py runs it: re-run this command line once with the trainer's
+  # glibc malloc tunables, before JAX and the rest are imported (cpu_process imports nothing).
+  from mssar_jax import cpu_process as _cpu_process
+  _cpu_process.reexec_with_tuned_malloc()
+
 import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mssar_jax import datasets
+from mssar_jax import backends
 from mssar_jax import config_lib
-from mssar_jax import malloc_tuning
-from mssar_jax import optim
-from mssar_jax import train as train_lib
-from mssar_jax import xla_flags
+from mssar_jax import cpu_process
+from mssar_jax.backends import cpu
+from mssar_jax.backends.cpu import gate_kernels
+from mssar_jax.backends.cpu import onednn_conv
 from mssar_jax.errors import ConfigError
-from mssar_jax.models import get_model, input_size, list_models
-from mssar_jax.native import onednn_conv
+from mssar_jax.models import Implementation, get_model, input_size, list_models
+from mssar_jax.train import optim
+from mssar_jax.train import state as state_lib
+from mssar_jax.train import step as step_lib
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 TORCH_SCRIPT = _ROOT / "benchmarks" / "torch_resnet.py"
 DEFAULT_COMPILE = ("cifar_resnet110:ms_sar", "cifar_densenet_bc100:ms_sar")
+DEFAULT_COMPILE_CACHE = "cifar_resnet110:ms_sar"
 GOALS = {"ms_sar_train_ratio_max": 1.10, "ms_sar_params_overhead_max": 0.05,
          "jax_over_torch_min": 1.0, "compile_seconds_max": 30.0, "pipeline_over_train_min": 5.0}
+_PROBE_PREFIX = "compile-cache-probe "
+_CACHE_HITS = "/jax/compilation_cache/cache_hits"
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementation of the layers.
+
+def resolve_implementation(name: str) -> dict[str, Any]:
+  """``backends.choose(name)`` for the bench's single device, with what it uses spelled out:
+  {'choice', 'onednn', 'kernels'} (oneDNN convolutions / gate kernels in use)."""
+  choice = backends.choose(name, device_count=1)
+  onednn = kernels = False
+  if choice.impl != Implementation():  # the CPU backend: native parts as choose found them
+    onednn, kernels, _ = cpu.native_status(1)
+  return {"choice": choice, "onednn": onednn, "kernels": kernels}
 
 
 # ---------------------------------------------------------------------------------------------
 # JAX arms.
 
-def _trainer_step(model, num_classes: int):
-  """The trainer's own jitted train step (``train.train_step``: BatchNorm updates,
-  cross-entropy, SGD momentum 0.9 with weight decay 1e-4, donated state) and its optimiser."""
+def _dataset_stats(size: int):
+  """What the train step needs of the dataset (classes, mean, std) for this input size."""
+  return datasets.get("imagenet2012" if size == 224 else "cifar10")
+
+
+def _trainer_step(model, stats):
+  """The trainer's own jitted train step (``step.train_step``: uint8 images normalised on the
+  device, BatchNorm updates, cross-entropy, SGD momentum 0.9 with weight decay 1e-4, donated
+  state), its optimiser and the jitted eval step."""
   config = config_lib.base_config()
   config.weight_decay, config.momentum, config.nesterov = 1e-4, 0.9, False
   config.weight_decay_on_bn_and_bias = True
   schedule = optax.constant_schedule(0.1)
   tx = optim.make_optimizer(config, schedule)
-  step = functools.partial(train_lib.train_step, model=model, tx=tx, schedule=schedule,
-                           num_classes=num_classes, label_smoothing=0.0)
-  return jax.jit(step, donate_argnums=(0,)), tx
+  step = functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
+                           stats=stats, label_smoothing=0.0)
+  evaluate = functools.partial(step_lib.eval_step, model=model, stats=stats)
+  return jax.jit(step, donate_argnums=(0,)), tx, jax.jit(evaluate)
 
 
 class Arm:
-  """One compiled (model, recalibration) train step and eval forward, timed on demand."""
+  """One compiled (model, recalibration) train step and eval step, timed on demand."""
 
-  def __init__(self, name: str, recalibration: str, batch_size: int, seed: int = 0,
-               **model_kwargs):
+  def __init__(self, name: str, recalibration: str, batch_size: int, impl: Implementation,
+               seed: int = 0, **model_kwargs):
     self.name, self.recalibration, self.batch_size = name, recalibration, batch_size
     size = input_size(name)
-    num_classes = 1000 if size == 224 else 10
-    model = get_model(name, num_classes=num_classes, recalibration=recalibration, **model_kwargs)
-    train_step, tx = _trainer_step(model, num_classes)
-
-    def eval_step(params, batch_stats, images):
-      return model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
-
+    stats = _dataset_stats(size)
+    model = get_model(name, num_classes=stats.num_classes, recalibration=recalibration,
+                      impl=impl, **model_kwargs)
+    train_step, tx, eval_step = _trainer_step(model, stats)
     rng = np.random.default_rng(seed)
-    images = jnp.asarray(rng.standard_normal((batch_size, size, size, 3), np.float32))
-    labels = jnp.asarray(rng.integers(0, num_classes, batch_size).astype(np.int32))
+    images = jnp.asarray(rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, stats.num_classes, batch_size).astype(np.int32))
     self._batch = {"image": images, "label": labels}
-    state = train_lib.init_state(jax.random.key(seed), model, tx, size)
+    self._eval_batch = {**self._batch, "mask": jnp.ones((batch_size,), bool)}
+    state = state_lib.init_state(jax.random.key(seed), model, tx, size)
     self.params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
-    start = time.perf_counter()
-    self._train = train_step.lower(state, self._batch).compile()
-    self.compile_seconds = time.perf_counter() - start
+    lowered = train_step.lower(state, self._batch)
+    with no_persistent_cache():
+      start = time.perf_counter()
+      self._train = lowered.compile()
+      self.compile_seconds = time.perf_counter() - start
     self.peak_bytes = _peak_bytes(self._train)
-    self._eval = jax.jit(eval_step).lower(state.params, state.batch_stats, images).compile()
+    self._eval = eval_step.lower(state, self._eval_batch).compile()
     self._state = state
     self.train_steps(1)  # first run: allocations, thread pools
     self.eval_steps(1)
 
   def train_steps(self, n: int) -> tuple[float, float]:
     """Runs n train steps; returns (wall, cpu) seconds per step."""
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu_time = time.perf_counter(), time.process_time()
     for _ in range(n):
       self._state, metrics = self._train(self._state, self._batch)
     metrics["train/loss"].block_until_ready()
-    return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
+    return (time.perf_counter() - wall) / n, (time.process_time() - cpu_time) / n
 
   def eval_steps(self, n: int) -> tuple[float, float]:
-    params, stats = self._state.params, self._state.batch_stats
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu_time = time.perf_counter(), time.process_time()
     for _ in range(n):
-      out = self._eval(params, stats, self._batch["image"])
-    out.block_until_ready()
-    return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
+      out = self._eval(self._state, self._eval_batch)
+    out["loss"].block_until_ready()
+    return (time.perf_counter() - wall) / n, (time.process_time() - cpu_time) / n
+
+
+@contextlib.contextmanager
+def no_persistent_cache():
+  """JAX's persistent compilation cache off meanwhile (read at each compilation), so a timed
+  compile is a compilation, never a cache load, whatever $JAX_COMPILATION_CACHE_DIR says."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax_compilation_cache.reset_cache()  # JAX decides once whether the cache is used: ask again
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    jax_compilation_cache.reset_cache()
 
 
 def _peak_bytes(compiled) -> int | None:
@@ -133,21 +208,105 @@ def _peak_bytes(compiled) -> int | None:
     return None
 
 
-def compile_seconds(name: str, recalibration: str, batch_size: int) -> tuple[float, float]:
-  """Trace + XLA compile time of one train step (the model's default, unrolled blocks):
-  (wall seconds, process CPU seconds). XLA compiles mostly on one thread, so on a loaded
-  machine the wall time grows while the CPU time does not."""
+def _abstract_step(name: str, recalibration: str, batch_size: int, impl: Implementation,
+                   **model_kwargs):
+  """(jitted train step, abstract state, abstract batch) of a model, nothing computed."""
   size = input_size(name)
-  num_classes = 1000 if size == 224 else 10
-  model = get_model(name, num_classes=num_classes, recalibration=recalibration)
-  train_step, tx = _trainer_step(model, num_classes)
-  state = jax.eval_shape(functools.partial(train_lib.init_state, model=model, tx=tx,
+  stats = _dataset_stats(size)
+  model = get_model(name, num_classes=stats.num_classes, recalibration=recalibration,
+                    impl=impl, **model_kwargs)
+  train_step, tx, _ = _trainer_step(model, stats)
+  state = jax.eval_shape(functools.partial(state_lib.init_state, model=model, tx=tx,
                                            image_size=size), jax.random.key(0))
-  batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+  batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-  start, cpu = time.perf_counter(), time.process_time()
-  train_step.lower(state, batch).compile()
-  return time.perf_counter() - start, time.process_time() - cpu
+  return train_step, state, batch
+
+
+def trace_and_compile(step, state, batch) -> dict[str, float]:
+  """Trace (lower) + XLA compile of a train step from abstract shapes:
+  {'trace_seconds', 'compile_seconds', 'seconds' (both), 'cpu_seconds'}. XLA compiles
+  mostly on one thread, so on a loaded machine the wall time grows while the CPU time does
+  not."""
+  start, cpu_start = time.perf_counter(), time.process_time()
+  lowered = step.lower(state, batch)
+  traced = time.perf_counter()
+  lowered.compile()
+  end = time.perf_counter()
+  return {"trace_seconds": traced - start, "compile_seconds": end - traced,
+          "seconds": end - start, "cpu_seconds": time.process_time() - cpu_start}
+
+
+def compile_seconds(name: str, recalibration: str, batch_size: int,
+                    impl: Implementation) -> tuple[float, float]:
+  """Trace + compile time of one train step (the model's default, unrolled blocks):
+  (wall seconds, process CPU seconds)."""
+  with no_persistent_cache():
+    t = trace_and_compile(*_abstract_step(name, recalibration, batch_size, impl))
+  return t["seconds"], t["cpu_seconds"]
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX's persistent compilation cache (two fresh processes sharing one cache directory).
+
+def compile_cache_probe(directory: str, spec: str, batch_size: int, implementation: str,
+                        model_kwargs: dict[str, Any]) -> dict[str, Any]:
+  """In this (fresh) process: trace + compile ``spec``'s train step with JAX's persistent
+  compilation cache in ``directory`` (every compilation written); what it took and found."""
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  hits = []
+  jax.monitoring.register_event_listener(
+      lambda event, **_: hits.append(event) if event == _CACHE_HITS else None)
+  name, _, recal = spec.partition(":")
+  impl = resolve_implementation(implementation)["choice"].impl
+  step, state, batch = _abstract_step(name, recal or "none", batch_size, impl, **model_kwargs)
+  hits_before, before = len(hits), _cache_files(directory)  # the train step's own, below
+  result = trace_and_compile(step, state, batch)
+  result.update(cache_hits=len(hits) - hits_before,
+                entries_written=len(_cache_files(directory) - before))
+  return result
+
+
+def _cache_files(directory: str) -> set[str]:
+  return {str(p) for p in pathlib.Path(directory).rglob("*") if p.is_file()}
+
+
+def compile_cache_rate(args, spec: str, batch_size: int,
+                       model_kwargs: dict[str, Any]) -> dict[str, Any]:
+  """Runs ``compile_cache_probe`` in two subprocesses of this script, the first with an empty
+  cache directory, the second reusing it; their times and the ratio first / second."""
+  directory = tempfile.mkdtemp(prefix="mssar_bench_compile_cache_")
+  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--compile-cache-probe",
+         directory, "--compile-cache-model", spec, "--compile-batch-size", str(batch_size),
+         "--implementation", args.implementation, "--xla-flags", args.xla_flags, "--json", ""]
+  for key, value in model_kwargs.items():
+    cmd += ["--set", f"{key}={value!r}"]
+  env = cpu_process.environment() if cpu_process.wanted() else dict(os.environ)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the probe sets its own directory
+  runs = {}
+  try:
+    for which in ("first", "second"):
+      proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800,
+                            check=False)
+      lines = [l for l in proc.stdout.splitlines() if l.startswith(_PROBE_PREFIX)]
+      if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"the {which} compile-cache process failed (exit {proc.returncode}:"
+                          f" {err})")
+      runs[which] = json.loads(lines[-1][len(_PROBE_PREFIX):])
+    files = _cache_files(directory)
+    size = sum(os.path.getsize(f) for f in files)
+  finally:
+    shutil.rmtree(directory, ignore_errors=True)
+  first, second = runs["first"], runs["second"]
+  return {"model": spec, "batch_size": batch_size, "implementation": args.implementation,
+          "model_kwargs": {k: repr(v) for k, v in model_kwargs.items()},
+          "min_compile_time_secs": 0.0, "first": first, "second": second,
+          "cache_entries": len(files), "cache_mb": size / 2**20,
+          "speedup": first["seconds"] / second["seconds"],
+          "compile_speedup": first["compile_seconds"] / second["compile_seconds"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,34 +352,71 @@ class TorchArm:
 
 
 # ---------------------------------------------------------------------------------------------
-# Input pipeline.
+# Input pipelines.
+
+def cpu_cores() -> int:
+  """CPU cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def _stream_rate(config, batch_size: int, batches: int) -> dict[str, Any]:
+  """img/s of the trainer's train stream for ``config`` (``data.TrainData``), timed after its
+  first batch: overall, per usable CPU core and per second of process CPU time."""
+  from mssar_jax import data  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  data.hide_accelerators_from_tensorflow()
+  builder = data.get_builder(config)
+  info = data.get_info(config, builder, local_batch=batch_size, local_eval_batch=batch_size,
+                       process_index=0, process_count=1)
+  train = data.TrainData(config, builder, info, local_batch=batch_size, process_index=0,
+                         process_count=1)
+  start = time.perf_counter()
+  stream = train.iterate(0)
+  first = next(stream)
+  warmup = time.perf_counter() - start
+  size = info.image_size
+  assert first["image"].shape == (batch_size, size, size, 3), first["image"].shape
+  assert first["image"].dtype == np.uint8, first["image"].dtype
+  start, cpu_start = time.perf_counter(), time.process_time()
+  for _ in range(batches):
+    next(stream)
+  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+  rate, cores = batches * batch_size / seconds, cpu_cores()
+  return {"dataset": config.dataset, "image_size": size, "batch_size": batch_size,
+          "batches": batches, "shuffle_buffer": config.shuffle_buffer, "cache": config.cache,
+          "train_examples": info.train_examples, "steps_per_epoch": info.steps_per_epoch,
+          "first_batch_seconds": warmup, "seconds": seconds, "cpu_seconds": cpu_seconds,
+          "images_per_second": rate, "cpu_cores": cores,
+          "images_per_second_per_core": rate / cores,
+          "images_per_cpu_second": batches * batch_size / cpu_seconds if cpu_seconds else None}
+
 
 def pipeline_rate(data_dir: str | None, batch_size: int, batches: int, shuffle_buffer: int,
                   dataset: str = "cifar10") -> dict[str, Any]:
-  """img/s of the trainer's augmented CIFAR train stream (after its first batch)."""
-  from mssar_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  tf.config.set_visible_devices([], "GPU")
-  config = config_lib.base_config()
-  config.dataset, config.data_dir = dataset, data_dir or ""
+  """The trainer's augmented CIFAR train stream (cached decoded images)."""
+  from mssar_jax.configs import cifar  # pylint: disable=import-outside-toplevel
+  config = cifar.get_config(f"{dataset},cifar_resnet20,none")
+  config.data_dir, config.download = data_dir or "", False
   config.batch_size, config.shuffle_buffer, config.cache = batch_size, shuffle_buffer, True
-  builder = input_pipeline.get_builder(config)
-  info = input_pipeline.get_info(config, builder, local_batch=batch_size,
-                                 local_eval_batch=batch_size, process_index=0, process_count=1)
-  data = input_pipeline.TrainData(config, builder, info, local_batch=batch_size,
-                                  process_index=0, process_count=1)
-  start = time.perf_counter()
-  stream = data.iterate(0)
-  first = next(stream)
-  warmup = time.perf_counter() - start
-  assert first["image"].shape == (batch_size, 32, 32, 3)
-  start = time.perf_counter()
-  for _ in range(batches):
-    next(stream)
-  seconds = time.perf_counter() - start
-  return {"dataset": dataset, "augmentation": "pad 4, random crop 32, random flip, normalise",
-          "batch_size": batch_size, "batches": batches, "shuffle_buffer": shuffle_buffer,
-          "first_batch_seconds": warmup, "images_per_second": batches * batch_size / seconds}
+  result = _stream_rate(config, batch_size, batches)
+  result["augmentation"] = "pad 4, random crop 32, random flip"
+  return result
+
+
+def imagenet_pipeline_rate(data_dir: str | None, batch_size: int,
+                           batches: int) -> dict[str, Any]:
+  """The trainer's ImageNet train stream (``imagenet.get_config('resnet50,none')``: JPEG
+  decode fused with the random-resized crop, resize 224, flip; no cache) on ``data_dir``."""
+  from mssar_jax.configs import imagenet  # pylint: disable=import-outside-toplevel
+  config = imagenet.get_config("resnet50,none")
+  config.data_dir = data_dir or ""
+  config.batch_size, config.cache = batch_size, False
+  result = _stream_rate(config, batch_size, batches)
+  result["augmentation"] = ("JPEG decode + random-resized crop (8-100% area, 3/4-4/3), "
+                            f"resize {result['image_size']}, random flip")
+  return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,15 +428,6 @@ def _median_ratio(a, b):
 
 def run(args) -> dict[str, Any]:
   """Builds the arms, alternates timing rounds, returns the JSON-able results."""
-  with onednn_conv.use(args.conv_impl):
-    return _run(args)
-
-
-def _run(args) -> dict[str, Any]:
-  conv_impl = onednn_conv.conv_impl()
-  print(f"bench: convolutions: {conv_impl}" + (
-      f" (oneDNN unavailable: {onednn_conv.unavailable_reason()})"
-      if onednn_conv.unavailable_reason() else ""), file=sys.stderr, flush=True)
   model_kwargs = dict(args.set)
   recals = [r for r in args.recalibrations.split(",") if r]
   if "none" not in recals:
@@ -251,25 +438,31 @@ def _run(args) -> dict[str, Any]:
     if not m:
       raise ConfigError(f"--torch-model must be a cifar_resnetN (got {args.torch_model!r}).")
     torch_depth = int(m.group(1))
+  resolved = resolve_implementation(args.implementation)
+  choice = resolved["choice"]
+  conv_impl = "onednn" if resolved["onednn"] else "xla"
+  print(f"bench: implementation: {choice.impl.name} ({choice.reason})", file=sys.stderr,
+        flush=True)
   arms: dict[str, Any] = {}
   for r in recals:
-    arms[r] = Arm(args.model, r, args.batch_size, **model_kwargs)
+    arms[r] = Arm(args.model, r, args.batch_size, choice.impl, **model_kwargs)
     print(f"bench: compiled {args.model} + {r} in {arms[r].compile_seconds:.1f} s",
           file=sys.stderr, flush=True)
   torch_arm = None
   torch_model = args.torch_model
   if args.torch_python:
     if torch_model != args.model or model_kwargs:
-      arms["jax_" + torch_model] = Arm(torch_model, "none", args.batch_size)
-    if conv_impl == "onednn":  # also time XLA's own convolutions against PyTorch
-      with onednn_conv.use("xla"):
-        arms["jax_" + torch_model + "_xla_conv"] = Arm(torch_model, "none", args.batch_size)
+      arms["jax_" + torch_model] = Arm(torch_model, "none", args.batch_size, choice.impl)
+    if resolved["onednn"]:  # also time XLA's own convolutions against PyTorch
+      xla_conv = cpu.implementation(onednn=False, kernels=resolved["kernels"])
+      arms["jax_" + torch_model + "_xla_conv"] = Arm(torch_model, "none", args.batch_size,
+                                                     xla_conv)
     torch_arm = TorchArm(args.torch_python, torch_depth, args.batch_size, args.torch_threads)
     arms["torch_" + torch_model] = torch_arm
     print(f"bench: PyTorch reference ready ({torch_arm.info})", file=sys.stderr, flush=True)
 
   wall = {k: [] for k in arms}
-  cpu = {k: [] for k in arms}
+  cpu_time = {k: [] for k in arms}
   eval_wall = {k: [] for k in arms}
   order = list(arms)
   # One untimed round first, so every arm has run with all the others' buffers allocated.
@@ -284,7 +477,7 @@ def _run(args) -> dict[str, Any]:
     for k in (order if i % 2 == 0 else order[::-1]):
       w, c = arms[k].train_steps(args.steps)
       wall[k].append(w)
-      cpu[k].append(c)
+      cpu_time[k].append(c)
       if args.eval:
         eval_wall[k].append(arms[k].eval_steps(args.steps)[0])
   if torch_arm is not None:
@@ -300,8 +493,8 @@ def _run(args) -> dict[str, Any]:
            "train_ms": 1e3 * statistics.median(wall[r]),
            "train_images_per_second": bs / statistics.median(wall[r]),
            "train_ratio_vs_none": _median_ratio(wall[r], wall["none"]),
-           "train_cpu_ms": 1e3 * statistics.median(cpu[r]),
-           "train_cpu_ratio_vs_none": _median_ratio(cpu[r], cpu["none"]),
+           "train_cpu_ms": 1e3 * statistics.median(cpu_time[r]),
+           "train_cpu_ratio_vs_none": _median_ratio(cpu_time[r], cpu_time["none"]),
            "train_wall_seconds_per_round": wall[r]}
     if args.eval:
       row.update({"eval_images_per_second": bs / statistics.median(eval_wall[r]),
@@ -309,14 +502,22 @@ def _run(args) -> dict[str, Any]:
     rows[r] = row
   result: dict[str, Any] = {
       "machine": machine_info(),
-      "settings": {"model": args.model, "model_kwargs": {k: repr(v) for k, v in model_kwargs.items()},
+      "settings": {"model": args.model,
+                   "model_kwargs": {k: repr(v) for k, v in model_kwargs.items()},
                    "batch_size": bs, "rounds": args.rounds, "steps_per_round": args.steps,
                    "devices": 1, "dtype": "float32", "compile_batch_size": args.compile_batch_size,
-                   "conv_impl": conv_impl, "onednn_unavailable": onednn_conv.unavailable_reason(),
+                   "implementation": args.implementation,
+                   "implementation_name": choice.impl.name,
+                   "implementation_reason": choice.reason, "conv_impl": conv_impl,
+                   "gate_kernels": resolved["kernels"],
+                   "onednn_unavailable": onednn_conv.LIBRARY.unavailable_reason,
+                   "gate_kernels_unavailable": gate_kernels.LIBRARY.unavailable_reason,
+                   "persistent_compilation_cache": "off for the timed compilations",
                    "torch_threads": args.torch_threads if args.torch_python else None},
       "train": rows}
   if torch_arm is not None:
-    jk, tk = ("jax_" + torch_model if "jax_" + torch_model in arms else "none"), "torch_" + torch_model
+    jk = "jax_" + torch_model if "jax_" + torch_model in arms else "none"
+    tk = "torch_" + torch_model
     result["torch"] = {
         "model": torch_model, "reference": torch_arm.info,
         "jax_images_per_second": bs / statistics.median(wall[jk]),
@@ -337,22 +538,46 @@ def _run(args) -> dict[str, Any]:
           "torch_eval_images_per_second": bs / statistics.median(eval_wall[tk]),
           "jax_eval_speed_over_torch": _median_ratio(eval_wall[tk], eval_wall[jk])})
   if args.pipeline:
+    fastest = max(r["train_images_per_second"] for r in rows.values())
     try:
       p = pipeline_rate(args.data_dir, bs, args.pipeline_batches, args.shuffle_buffer)
-      fastest = max(r["train_images_per_second"] for r in rows.values())
       p["over_fastest_train_step"] = p["images_per_second"] / fastest
       result["pipeline"] = p
     except ConfigError as e:
       result["pipeline"] = {"skipped": str(e)}
+    if args.imagenet_batches > 0:
+      try:
+        result["imagenet_pipeline"] = imagenet_pipeline_rate(
+            args.data_dir, args.imagenet_batch_size, args.imagenet_batches)
+      except ConfigError as e:
+        result["imagenet_pipeline"] = {"skipped": str(e)}
+    for key in ("pipeline", "imagenet_pipeline"):
+      p = result.get(key, {})
+      if "images_per_second" in p:
+        print(f"bench: {p['dataset']} train stream: {p['images_per_second']:.0f} img/s "
+              f"({p['images_per_second_per_core']:.0f} per core)", file=sys.stderr, flush=True)
   if args.compile:
     result["compile"] = {}
     for spec in args.compile_models:
       name, _, recal = spec.partition(":")
-      seconds, cpu_seconds = compile_seconds(name, recal or "none", args.compile_batch_size)
+      seconds, cpu_seconds = compile_seconds(name, recal or "none", args.compile_batch_size,
+                                             choice.impl)
       result["compile"][spec] = seconds
       result.setdefault("compile_cpu", {})[spec] = cpu_seconds
       print(f"bench: compile {spec} (batch {args.compile_batch_size}): {seconds:.1f} s "
             f"({cpu_seconds:.1f} s CPU)", file=sys.stderr, flush=True)
+  if args.compile_cache:
+    spec = args.compile_cache_model
+    # --set belongs to --model: it shapes the probe only when the probe builds that model.
+    kwargs = model_kwargs if spec.partition(":")[0] == args.model else {}
+    try:
+      c = compile_cache_rate(args, spec, args.compile_batch_size, kwargs)
+      result["compile_cache"] = c
+      print(f"bench: persistent compilation cache, {spec}: {c['first']['seconds']:.1f} s "
+            f"empty, {c['second']['seconds']:.1f} s reused ({c['speedup']:.1f}x)",
+            file=sys.stderr, flush=True)
+    except (ConfigError, subprocess.TimeoutExpired) as e:
+      result["compile_cache"] = {"model": spec, "skipped": str(e)}
   result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   result["goals"] = goals(result)
   return result
@@ -389,11 +614,11 @@ def goals(result) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-  cpu = platform.processor() or platform.machine()
+  cpu_name = platform.processor() or platform.machine()
   try:
     for line in open("/proc/cpuinfo", encoding="utf-8"):
       if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
+        cpu_name = line.split(":", 1)[1].strip()
         break
   except OSError:
     pass
@@ -401,10 +626,19 @@ def machine_info() -> dict[str, Any]:
     load = os.getloadavg()
   except OSError:
     load = None
-  return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average": load,
-          "python": platform.python_version(), "jax": jax.__version__,
+  return {"cpu": cpu_name, "cpu_count": os.cpu_count(), "usable_cores": cpu_cores(),
+          "load_average": load, "python": platform.python_version(), "jax": jax.__version__,
           "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "malloc_tuned": malloc_tuning.active()}
+          "malloc_tuned": cpu_process.active()}
+
+
+def _pipeline_row(label: str, p: dict[str, Any]) -> str:
+  per_cpu = p.get("images_per_cpu_second")
+  over = p.get("over_fastest_train_step")
+  return (f"| {label} | {p['batch_size']} | {p['images_per_second']:.0f} | {p['cpu_cores']} | "
+          f"{p['images_per_second_per_core']:.0f} | "
+          f"{'-' if per_cpu is None else f'{per_cpu:.0f}'} | "
+          f"{'-' if over is None else f'{over:.1f}x'} | {p['first_batch_seconds']:.1f} |")
 
 
 def to_markdown(result) -> str:
@@ -412,7 +646,8 @@ def to_markdown(result) -> str:
   rows = result["train"]
   has_eval = any("eval_images_per_second" in r for r in rows.values())
   lines = [f"{s['model']}, batch {s['batch_size']}, {s['rounds']} rounds x {s['steps_per_round']} "
-           f"steps, 1 device, float32; medians over rounds, ratios = median per-round ratio",
+           f"steps, 1 device, float32, implementation {s.get('implementation_name', '?')}; "
+           "medians over rounds, ratios = median per-round ratio",
            "",
            "| recalibration | params | +params | compile s | peak MB | train img/s | train x none "
            "| train CPU x none |" + (" eval img/s | eval x none |" if has_eval else ""),
@@ -439,21 +674,43 @@ def to_markdown(result) -> str:
     if "jax_eval_images_per_second" in t:
       lines.append(f"| eval | {t['jax_eval_images_per_second']:.1f} | "
                    f"{t['torch_eval_images_per_second']:.1f} | {t['jax_eval_speed_over_torch']:.2f}x |")
-  p = result.get("pipeline")
-  if p:
+  pipelines = [(k, result[k]) for k in ("pipeline", "imagenet_pipeline") if k in result]
+  measured = [(k, p) for k, p in pipelines if "skipped" not in p]
+  if measured:
+    lines += ["", "| input pipeline (train stream alone, after its first batch) | batch | img/s "
+              "| CPU cores | img/s per core | img per CPU s | x fastest train step "
+              "| first batch s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for _, p in measured:
+      cached = "cached" if p.get("cache") else "no cache"
+      lines.append(_pipeline_row(f"{p['dataset']} {p['image_size']}px: {p['augmentation']}; "
+                                 f"{cached}, shuffle buffer {p['shuffle_buffer']:,}", p))
+  for k, p in pipelines:
     if "skipped" in p:
-      lines += ["", f"input pipeline: skipped ({p['skipped']})"]
-    else:
-      lines += ["", f"input pipeline ({p['dataset']} train, {p['augmentation']}, batch "
-                f"{p['batch_size']}): {p['images_per_second']:.0f} img/s = "
-                f"{p['over_fastest_train_step']:.1f}x the fastest train step (first batch after "
-                f"{p['first_batch_seconds']:.1f} s: decode, cache, shuffle buffer "
-                f"{p['shuffle_buffer']})"]
+      lines += ["", f"input pipeline {'imagenet2012' if k.startswith('imagenet') else 'cifar10'}"
+                f": skipped ({p['skipped']})"]
   c = result.get("compile")
   if c:
     cc = result.get("compile_cpu", {})
     lines += [""] + [f"compile {k} (train step, batch {result['settings'].get('compile_batch_size')}): "
                      f"{v:.1f} s wall, {cc.get(k, float('nan')):.1f} s CPU" for k, v in c.items()]
+  cache = result.get("compile_cache")
+  if cache:
+    if "skipped" in cache:
+      lines += ["", f"persistent compilation cache ({cache['model']}): skipped "
+                f"({cache['skipped']})"]
+    else:
+      extra = "".join(f", {k}={v}" for k, v in cache["model_kwargs"].items())
+      lines += ["", f"JAX persistent compilation cache, {cache['model']}{extra} train step, batch "
+                f"{cache['batch_size']}, each in a fresh process:", "",
+                "| compilation cache | trace s | compile s | total s | CPU s | cache hits |",
+                "|---|---:|---:|---:|---:|---:|"]
+      for which, label in (("first", "empty (first process)"),
+                           ("second", "reused (second process)")):
+        v = cache[which]
+        lines.append(f"| {label} | {v['trace_seconds']:.1f} | {v['compile_seconds']:.2f} | "
+                     f"{v['seconds']:.1f} | {v['cpu_seconds']:.1f} | {v['cache_hits']} |")
+      lines.append(f"| first / second | | {cache['compile_speedup']:.1f}x | "
+                   f"{cache['speedup']:.2f}x | | |")
   lines += ["", f"process max RSS: {result['max_rss_mb']:.0f} MB; machine: "
             f"{result['machine']['cpu']}, {result['machine']['cpu_count']} CPUs, load "
             f"{_fmt_load(result['machine']['load_average'])}, jax {result['machine']['jax']}, "
@@ -490,33 +747,50 @@ def parse_args(argv=None):
   parser.add_argument("--recalibrations", default="none,se,ms_sar")
   parser.add_argument("--set", action="append", type=_parse_set, default=[], metavar="KEY=VALUE",
                       help="network field for all arms, e.g. --set depth=8 --set width=4")
+  parser.add_argument("--implementation", default="auto", choices=backends.CHOICES,
+                      help="how the JAX arms compute their layers (mssar_jax.backends.choose, "
+                           "one device): auto (cpu on a CPU), xla (plain flax layers, XLA's "
+                           "convolutions) or cpu (oneDNN FFI convolutions and gate kernels "
+                           "where built, two-pass BatchNorm, folded recalibration)")
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--steps", type=int, default=2, help="train (and eval) steps per round")
   parser.add_argument("--no-eval", dest="eval", action="store_false")
-  parser.add_argument("--no-pipeline", dest="pipeline", action="store_false")
+  parser.add_argument("--no-pipeline", dest="pipeline", action="store_false",
+                      help="skip both input pipelines")
   parser.add_argument("--data-dir", default=os.environ.get("MSSAR_TFDS_DATA_DIR")
-                      or os.environ.get("TFDS_DATA_DIR") or str(_ROOT.parent / "shared/data/tfds"))
-  parser.add_argument("--pipeline-batches", type=int, default=100)
+                      or os.environ.get("TFDS_DATA_DIR") or str(_ROOT.parent / "shared/data/tfds"),
+                      help="TFDS data_dir holding cifar10 and imagenet2012")
+  parser.add_argument("--pipeline-batches", type=int, default=100,
+                      help="CIFAR-10 train batches timed (batch --batch-size)")
   parser.add_argument("--shuffle-buffer", type=int, default=50_000,
-                      help="the CIFAR recipe's full shuffle (default 50,000)")
+                      help="CIFAR shuffle buffer (default 50,000: the recipe's full shuffle)")
+  parser.add_argument("--imagenet-batches", type=int, default=30,
+                      help="ImageNet train batches timed (0: skip); 30 stays within the first "
+                           "epoch of the 1,000-image sample at batch 32")
+  parser.add_argument("--imagenet-batch-size", type=int, default=32)
   parser.add_argument("--compile", action="store_true",
                       help="also time the compilation of --compile-models (slow)")
   parser.add_argument("--compile-models", default=",".join(DEFAULT_COMPILE),
                       type=lambda s: [x for x in s.split(",") if x])
-  parser.add_argument("--compile-batch-size", type=int, default=128)
+  parser.add_argument("--compile-batch-size", type=int, default=128,
+                      help="batch of --compile and of the compilation-cache processes")
+  parser.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                      help="skip the persistent compilation cache measurement")
+  parser.add_argument("--compile-cache-model", default=DEFAULT_COMPILE_CACHE, metavar="MODEL:RECAL",
+                      help=f"train step compiled with an empty, then a reused persistent cache "
+                           f"(default {DEFAULT_COMPILE_CACHE}; --quick: --model:ms_sar)")
+  parser.add_argument("--compile-cache-probe", default="", metavar="DIR", help=argparse.SUPPRESS)
   parser.add_argument("--torch-python", default="", help="python of a venv with torch")
   parser.add_argument("--torch-model", default="cifar_resnet20")
   parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
-  parser.add_argument("--xla-flags", default=xla_flags.FAST_CPU_FLAGS,
+  parser.add_argument("--xla-flags", default=cpu_process.FAST_CPU_FLAGS,
                       help="XLA flags added to $XLA_FLAGS before JAX starts ('' : none); "
-                           f"default: {xla_flags.FAST_CPU_FLAGS}")
-  parser.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"),
-                      help="convolutions of the JAX arms (native.onednn_conv; auto: oneDNN on "
-                           "one CPU device when installed)")
+                           f"default: {cpu_process.FAST_CPU_FLAGS}")
   parser.add_argument("--json", default="bench.json", help="where to write the JSON ('' : not)")
   parser.add_argument("--quick", action="store_true",
                       help="CI smoke run: cifar_resnet20, batch 32, 3 rounds x 1 step, "
-                           "20 pipeline batches with a 2,048 shuffle buffer")
+                           "20 CIFAR pipeline batches with a 2,048 shuffle buffer, 8 ImageNet "
+                           "batches, the compilation cache on --model + ms_sar at --batch-size")
   args = parser.parse_args(argv)
   if args.quick:
     given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
@@ -532,14 +806,25 @@ def parse_args(argv=None):
       args.pipeline_batches = 20
     if "--shuffle-buffer" not in given:
       args.shuffle_buffer = 2048
+    if "--imagenet-batches" not in given:
+      args.imagenet_batches = 8
+    if "--compile-cache-model" not in given:
+      args.compile_cache_model = f"{args.model}:ms_sar"
+    if "--compile-batch-size" not in given:
+      args.compile_batch_size = args.batch_size
   return args
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.xla_flags:
-    xla_flags.add_xla_flags(args.xla_flags)
+    cpu_process.add_xla_flags(args.xla_flags)
   try:
+    if args.compile_cache_probe:  # a subprocess of compile_cache_rate
+      probe = compile_cache_probe(args.compile_cache_probe, args.compile_cache_model,
+                                  args.compile_batch_size, args.implementation, dict(args.set))
+      print(_PROBE_PREFIX + json.dumps(probe), flush=True)
+      return 0
     result = run(args)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -553,5 +838,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  malloc_tuning.reexec_with_tuned_malloc()  # measure the step as train.py runs it
   sys.exit(main())

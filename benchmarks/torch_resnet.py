@@ -1,7 +1,7 @@
 """PyTorch reference for the benchmark: the same CIFAR ResNet train step, eager, on CPU.
 
 Benchmark-only: it runs in a separate environment with torch (e.g. ``torch==2.13.0``); the
-mssar_jax package never imports torch. ``python -m mssar_jax.bench --torch-python PATH`` starts
+mssar_jax package never imports torch. ``python benchmarks/bench.py --torch-python PATH`` starts
 this script as a subprocess and alternates timing rounds with the JAX step in the same run.
 
 The network matches ``mssar_jax.models.get_model('cifar_resnet{6n+2}', num_classes=10)``:
