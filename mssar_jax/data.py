@@ -5,25 +5,31 @@ Preprocessing (images leave tf.data as uint8; the train step normalises them on 
   CIFAR eval:      as stored
   ImageNet train:  fused JPEG decode of a random-resized crop (area 8%-100%, aspect 3/4-4/3,
                    Szegedy et al. 2015) -> resize to S x S -> random flip
-  ImageNet eval:   resize the shorter side to S / 0.875 (256 for S = 224) -> centre S x S crop
+  ImageNet eval:   fused JPEG decode of the central crop of side 0.875 x the shorter side
+                   -> resize to S x S (the usual 256 -> 224 centre crop)
 (images not of size S = config.image_size are resized to it; resized images are rounded back
 to uint8).
 
-Data order (exact resume, and the same global batches for any number of processes). An
-epoch is a seeded shuffle (seed ``e_seed = hash(config.seed, epoch)``) of the split, cut to
+Data order (exact resume, and the same global batches for any number of processes). One
+tf.data pipeline serves the whole run: a stream of epochs, each a seeded shuffle (seed
+``e_seed``, a stateless hash of (config.seed, epoch) computed in the graph) of the split, cut to
 ``steps_per_epoch`` global batches; example i of the epoch is augmented with the stateless seed
 (e_seed, i). Batch b of epoch e is thus a pure function of (seed, e, b); training step t reads
-batch t mod steps_per_epoch of epoch t div steps_per_epoch. A run resumed at step t rebuilds
-epoch e and skips the examples of its first b batches (not yet decoded), so it sees exactly the
-batches an uninterrupted run would have seen. Which process reads what:
+batch t mod steps_per_epoch of epoch t div steps_per_epoch. A run resumed at step t starts the
+stream at epoch e and skips the examples of its first b batches (before they are decoded), so
+it sees exactly the batches an uninterrupted run would have seen. Which process reads what:
 
 * ``shuffle_files=False`` (CIFAR): every process reads the whole split in file order and the
   same shuffle; process p of P keeps rows [p L, (p + 1) L) of each global batch (L = global
   batch / P). The global batches, hence the training, are the same for 1 or P processes.
 * ``shuffle_files=True`` (ImageNet, where reading everything on every host would multiply the
   I/O): process p reads ``tfds.even_splits(split, P)[p]`` (remainder dropped, so all processes
-  have the same number of steps), with its files and examples shuffled by e_seed. The data are
-  the same in distribution, not in order, for a different process count.
+  have the same number of steps), its files in one seeded order and its examples shuffled by
+  e_seed in a ``shuffle_buffer`` window. The data are the same in distribution, not in order,
+  for a different process count.
+
+tf.data runs on a private thread pool of the host's cores with one thread per op (big_vision's
+options), so the input pipeline does not compete with itself.
 
 Eval. Each process pads its split with masked zero images to ``eval_steps * local_batch``
 examples, where eval_steps is the same on every process (its largest split decides); metrics
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Iterator
 
 from jax.experimental import multihost_utils
@@ -214,80 +221,88 @@ def _imagenet_train(example, seed, size):
 
 
 def _imagenet_eval(example, size):
-  image = tf.io.decode_jpeg(example["image"], channels=3)
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = (size / 0.875) / tf.reduce_min(shape)
-  resized = tf.cast(tf.round(shape * scale), tf.int32)
-  image = tf.image.resize(image, resized, method="bilinear")
-  top = (resized[0] - size) // 2
-  left = (resized[1] - size) // 2
-  image = image[top:top + size, left:left + size]
-  return _to_uint8(tf.ensure_shape(image, [size, size, 3]))
+  data = example["image"]
+  shape = tf.io.extract_jpeg_shape(data)
+  side = tf.cast(0.875 * tf.cast(tf.reduce_min(shape[:2]), tf.float32), tf.int32)
+  window = tf.stack([(shape[0] - side + 1) // 2, (shape[1] - side + 1) // 2, side, side])
+  image = tf.io.decode_and_crop_jpeg(data, window, channels=3)
+  return _to_uint8(tf.image.resize(image, [size, size], method="bilinear"))
 
 
 def _decoders(config):
   return {"image": tfds.decode.SkipDecoding()} if is_imagenet(config) else None
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-  """A 62-bit seed for (seed, epoch); different epochs get unrelated shuffles."""
-  return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint32).view(np.uint64)[0]
-             >> np.uint64(2))
+def epoch_seed(seed: int, epoch):
+  """A non-negative int64 seed for (seed, epoch), computed in the graph (epoch a tensor)."""
+  pair = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+  value = tf.random.stateless_uniform([], seed=pair, minval=None, maxval=None, dtype=tf.int64)
+  return tf.bitwise.right_shift(value, 2) + 2 ** 61  # positive: no shift sign issues
+
+
+def pipeline_options() -> tf.data.Options:
+  """big_vision's threading: a private pool of the host's cores, one thread per op."""
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = max(os.cpu_count() or 1, 1)
+  options.threading.max_intra_op_parallelism = 1
+  options.deterministic = True
+  return options
 
 
 # ---------------------------------------------------------------------------------------------
 # Datasets.
 
 class TrainData:
-  """This process's infinite, resumable train stream of numpy batches."""
+  """This process's infinite, resumable train stream of numpy batches (module docstring)."""
 
   def __init__(self, config, builder, info: DataInfo, *, local_batch: int,
                process_index: int, process_count: int):
     self._config = config
-    self._builder = builder
     self._info = info
     self._local_batch = local_batch
     self._process_index = process_index
     self._process_count = process_count if _global_order(config) else 1
-    self._split = _train_split(config, process_index, process_count)
-    self._cached = None
+    split = _train_split(config, process_index, process_count)
     if config.cache and not config.shuffle_files:
-      self._cached = builder.as_dataset(split=self._split, shuffle_files=False).cache()
+      self._source = builder.as_dataset(split=split, shuffle_files=False).cache()
+    else:
+      read = tfds.ReadConfig(shuffle_seed=config.seed, shuffle_reshuffle_each_iteration=False)
+      self._source = builder.as_dataset(split=split, shuffle_files=config.shuffle_files,
+                                        read_config=read, decoders=_decoders(config))
 
-  def _source(self, seed):
-    if self._cached is not None:
-      return self._cached
-    read = tfds.ReadConfig(shuffle_seed=seed)
-    return self._builder.as_dataset(split=self._split, shuffle_files=self._config.shuffle_files,
-                                    read_config=read, decoders=_decoders(self._config))
+  def dataset(self, start_step: int = 0) -> tf.data.Dataset:
+    """Batches for steps start_step, start_step + 1, ... (one pipeline, forever)."""
+    config, batch = self._config, self._local_batch
+    first_epoch, skip = divmod(start_step, self._info.steps_per_epoch)
+    read_batch = batch * self._process_count  # global batch if all processes read everything
+    per_epoch = self._info.steps_per_epoch * read_batch
 
-  def epoch(self, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
-    """Batches ``skip_batches`` .. steps_per_epoch - 1 of ``epoch`` (module docstring)."""
-    config, size, batch = self._config, self._info.image_size, self._local_batch
-    seed = epoch_seed(config.seed, epoch)
+    def epoch(e):
+      seed = epoch_seed(config.seed, e)
+      ds = self._source.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+      ds = ds.take(per_epoch).enumerate()
+      ds = ds.skip(tf.where(e == first_epoch, tf.constant(skip * read_batch, tf.int64),
+                            tf.constant(0, tf.int64)))
+      if self._process_count > 1:  # keep this process's rows of each global batch
+        p = self._process_index
+        ds = ds.filter(lambda i, _: (i % read_batch) // batch == p)
+      return ds.map(lambda i, example: (seed, i, example))
+
     augment = _imagenet_train if is_imagenet(config) else _cifar_train
+    size = self._info.image_size
 
-    def prepare(index, example):
-      image = augment(example, tf.stack([tf.constant(seed, tf.int64), index]), size)
+    def prepare(seed, index, example):
+      image = augment(example, tf.stack([seed, index]), size)
       return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
-    read_batch = batch * self._process_count  # global batch if all processes read everything
-    ds = self._source(seed).shuffle(config.shuffle_buffer, seed=seed,
-                                    reshuffle_each_iteration=False)
-    ds = ds.take(self._info.steps_per_epoch * read_batch).enumerate()
-    ds = ds.skip(skip_batches * read_batch)
-    if self._process_count > 1:  # keep this process's rows of each global batch
-      p = self._process_index
-      ds = ds.filter(lambda i, _: (i % read_batch) // batch == p)
+    ds = tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch, drop_remainder=True).prefetch(config.prefetch)
+    ds = ds.batch(batch, drop_remainder=True).prefetch(config.prefetch)
+    return ds.with_options(pipeline_options())
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Batches for steps start_step, start_step + 1, ... (forever)."""
-    epoch, skip = divmod(start_step, self._info.steps_per_epoch)
-    while True:
-      yield from self.epoch(epoch, skip).as_numpy_iterator()
-      epoch, skip = epoch + 1, 0
+    """Numpy batches for steps start_step, start_step + 1, ..."""
+    return self.dataset(start_step).as_numpy_iterator()
 
 
 def eval_dataset(config, builder, info: DataInfo, *, local_batch: int, process_index: int,
@@ -310,7 +325,7 @@ def eval_dataset(config, builder, info: DataInfo, *, local_batch: int, process_i
   ds = ds.batch(local_batch, drop_remainder=True)
   if config.cache:
     ds = ds.cache()
-  return ds.prefetch(config.prefetch)
+  return ds.prefetch(config.prefetch).with_options(pipeline_options())
 
 
 def hide_accelerators_from_tensorflow() -> None:

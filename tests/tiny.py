@@ -3,6 +3,8 @@
 import os
 import pathlib
 
+import pytest
+
 from mssar_jax.configs import cifar
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,17 +33,22 @@ def tiny_cifar_config(**overrides):
 
 
 def real_cifar10_dir() -> str:
-  """The TFDS data_dir of the real CIFAR-10 copy ($MSSAR_TFDS_DATA_DIR; ``.ci/run`` sets it to
-  ``../shared/data/tfds``; a relative path is tried from the working directory, then from the
-  repository root). Under CI (CI=true) a missing copy fails the test, elsewhere it skips."""
-  import pytest  # pylint: disable=import-outside-toplevel
+  """The TFDS data_dir of the real CIFAR-10 copy (``real_data_dir``)."""
+  return real_data_dir("cifar10")
+
+
+def real_data_dir(dataset: str) -> str:
+  """The TFDS data_dir holding the real copy of ``dataset`` ($MSSAR_TFDS_DATA_DIR; ``.ci/run``
+  sets it to ``../shared/data/tfds``; a relative path is tried from the working directory,
+  then from the repository root). Under CI (CI=true) a missing copy fails the test, elsewhere
+  it skips."""
   value = os.environ.get("MSSAR_TFDS_DATA_DIR", "")
   candidates = [pathlib.Path(value), ROOT / value] if value else []
   for path in candidates:
-    if (path / "cifar10").is_dir():
+    if (path / dataset).is_dir():
       return str(path.resolve())
-  message = (f"real CIFAR-10 not found (MSSAR_TFDS_DATA_DIR={value!r}); set it to the TFDS "
-             "data_dir holding cifar10/, e.g. ../shared/data/tfds")
+  message = (f"real {dataset} not found (MSSAR_TFDS_DATA_DIR={value!r}); set it to the TFDS "
+             f"data_dir holding {dataset}/, e.g. ../shared/data/tfds")
   if os.environ.get("CI", "").lower() == "true":
     pytest.fail(message)
   pytest.skip(message)

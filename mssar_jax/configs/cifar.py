@@ -12,7 +12,8 @@ Recipes (lr divided by 10 at 50% and 75% of training in both):
   DenseNets (Huang et al. 2017): Nesterov momentum 0.9, lr 0.1 at batch 64, weight decay 1e-4,
     300 epochs.
 
-``local`` is for a CPU machine: batch 64 at lr 0.1, 1,500 steps (about 2 epochs; lr /10 at
+``bf16`` computes in bfloat16 (params, BatchNorm statistics, logits and loss stay float32), as
+TPUs and GPUs run fastest. ``local`` is for a CPU machine: batch 64 at lr 0.1, 1,500 steps (about 2 epochs; lr /10 at
 50% and 75%), evals and checkpoints every 500 steps, and unscanned blocks (XLA:CPU runs the
 backward pass of scanned blocks about 20x slower). A smoke run, not a result: on a 2-core
 machine it takes about 0.5 s a step.
@@ -28,7 +29,7 @@ _VOCABULARY = {
               "cifar_resnet110", "cifar_preact_resnet164", "cifar_densenet40",
               "cifar_densenet_bc100"),
     "recalibration": ("none", "se", "ms_sar"),
-    "flags": ("local",),
+    "flags": ("local", "bf16"),
 }
 _DEFAULTS = {"dataset": "cifar10", "model": "cifar_resnet20", "recalibration": "ms_sar"}
 
@@ -62,6 +63,7 @@ def get_config(arg=None):
   c.eval_every_steps = 10 * steps_per_epoch
   c.checkpoint_every_steps = 5 * steps_per_epoch
   c.log_every_steps = 100
+  c.half_precision = args["bf16"]
   if args["local"]:
     c.batch_size = c.reference_batch_size = 64
     c.learning_rate = 0.1

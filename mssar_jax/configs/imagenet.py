@@ -7,10 +7,12 @@ with a step (default) or cosine schedule:
 Recipe (Goyal et al. 2017 / SENet): SGD momentum 0.9, lr 0.1 per 256 images (scaled
 linearly with the batch), batch 256, weight decay 1e-4 on all weights, 90 epochs, 5 warmup
 epochs, ResNets start with the last BatchNorm scale of each block at zero; ``step`` divides the lr by 10 at epochs 30, 60 and 80, ``cosine`` decays to 0.
-Evaluation on the 50,000 validation images (resize 256, centre crop 224): top-1 and top-5.
+Evaluation on the 50,000 validation images (centre crop 224 of 256): top-1 and top-5.
+Compute in bfloat16 (params, BatchNorm statistics, logits and loss in float32), as TPUs and GPUs
+run fastest; ``local`` computes in float32.
 ImageNet must be prepared for TFDS by hand (see the error message or the README).
 
-``local`` is a CPU smoke run: 112x112 crops, batch 32, 20 steps, unscanned blocks.
+``local`` is a CPU smoke run: 112x112 crops, batch 32, 20 steps, unscanned blocks, float32.
 """
 
 from mssar_jax import config_lib
@@ -48,6 +50,7 @@ def get_config(arg=None):
   c.weight_decay = 1e-4
   c.weight_decay_on_bn_and_bias = True
   c.label_smoothing = 0.0
+  c.half_precision = True
   if "zero_init_residual" in c.model_kwargs:  # Goyal et al.: last BN scale of each block = 0
     c.model_kwargs.zero_init_residual = True
   steps_per_epoch = _TRAIN_EXAMPLES // c.batch_size
@@ -55,6 +58,7 @@ def get_config(arg=None):
   c.checkpoint_every_steps = steps_per_epoch
   c.log_every_steps = 100
   if args["local"]:
+    c.half_precision = False
     c.image_size = 112
     if "scan_blocks" in c.model_kwargs:
       c.model_kwargs.scan_blocks = False
