@@ -2,13 +2,14 @@
 where torch and timm import, timm's resnet50 / seresnet50 in PyTorch, in one run.
 
     python benchmarks/accelerator.py                     # one GPU: under 6 minutes
-    python benchmarks/accelerator.py --no-torch --json accelerator.json
-    python benchmarks/accelerator.py --tiny --steps 2 --rounds 2 --batch-per-device 4   # CPU
+    python benchmarks/accelerator.py --notorch --json accelerator.json
+    python benchmarks/accelerator.py --tiny --steps 2 --rounds 2 --batch_per_device 4   # CPU
+    python benchmarks/accelerator.py --helpfull                # every flag
 
 JAX arms. ``get_model(model, recalibration=..., dtype=bfloat16, impl=backends.choose(...))``,
 data-parallel over all local devices: ``jax.jit`` over a 1-D ``Mesh`` ('data',), the batch
 sharded ``P('data')``, the train state replicated and donated. Global batch =
-``--batch-per-device`` x device count. The train step mirrors ``mssar_jax/train/step.py``:
+``--batch_per_device`` x device count. The train step mirrors ``mssar_jax/train/step.py``:
 uint8 images normalised on the device with the ImageNet mean/std, forward in train mode with
 BatchNorm updates, float32 cross-entropy, SGD momentum 0.9, coupled weight decay 1e-4 on every
 parameter, lr 0.1 (``mssar_jax.train.optim``). Eval is the project's eval step (top-1/top-5
@@ -22,26 +23,26 @@ TensorFlow, TFDS and ml_collections ended up in ``sys.modules`` (nothing, or it 
 PyTorch arms. ``timm.create_model(name)`` (resnet50, seresnet50), channels-last, autocast bf16
 (parameters and the loss in float32), the same uint8 input normalised on the device, SGD
 momentum 0.9 with weight decay 1e-4 (fused where available); eval under inference_mode.
-The arms run in subprocesses (this file with ``--torch-worker``; one device, batch
-``--batch-per-device``): one for the eager arms and one per model for ``torch.compile``
-(``--torch-compile-mode``), started first so that PyTorch compiles while XLA does (both
-autotune on the same GPU then; ``--torch-start after-jax`` serialises them, in a longer run); a
-worker not ready within ``--torch-compile-timeout`` seconds of its start (or, earlier, when
+The arms run in subprocesses (this file with ``--torch_worker``; one device, batch
+``--batch_per_device``): one for the eager arms and one per model for ``torch.compile``
+(``--torch_compile_mode``), started first so that PyTorch compiles while XLA does (both
+autotune on the same GPU then; ``--torch_start after-jax`` serialises them, in a longer run); a
+worker not ready within ``--torch_compile_timeout`` seconds of its start (or, earlier, when
 the time budget needs the rest for the rounds) is stopped and its arms are reported as
 skipped. Missing torch, timm or CUDA skip the arms with a note. When torch arms run on a GPU,
-JAX preallocates ``--jax-memory-fraction`` (0.35) of the device memory instead of 75%, leaving
+JAX preallocates ``--jax_memory_fraction`` (0.35) of the device memory instead of 75%, leaving
 the rest to the three PyTorch processes.
 
-Timing. Compilation and ``--warmup-steps`` steps are excluded. Then every round times
+Timing. Compilation and ``--warmup_steps`` steps are excluded. Then every round times
 ``--steps`` train steps and ``--steps`` eval steps of every arm in turn (the order rotates each
 round), so load from other processes hits all arms alike; outputs are waited for
 (``block_until_ready`` / ``torch.cuda.synchronize``) at the end of each timed run. Reported:
 medians over rounds of step time and img/s; 'vs none' is the median of per-round ratios of the
 step time to the same framework's plain network (JAX: none; timm: resnet50 in the same mode).
 MFU = FLOPs per step per device (XLA's cost analysis of the compiled, SPMD-partitioned step)
-/ step time / the device's dense bf16 peak (table ``PEAK_FLOPS``; ``--peak-tflops`` overrides;
+/ step time / the device's dense bf16 peak (table ``PEAK_FLOPS``; ``--peak_tflops`` overrides;
 unknown devices and CPUs: null). timm rows use the FLOPs of the matching JAX arm (none for
-resnet50, se for seresnet50). ``--time-budget-seconds`` (counted from start-up) bounds the
+resnet50, se for seresnet50). ``--time_budget_seconds`` (counted from start-up) bounds the
 run: rounds are dropped when compilation leaves too little time. Reruns compile faster with
 JAX's persistent cache (``JAX_COMPILATION_CACHE_DIR``) and PyTorch inductor's (on by default).
 
@@ -76,22 +77,22 @@ _PREFIX = "@@accelerator "  # protocol lines of the PyTorch worker; anything els
 # PyTorch worker (a subprocess; imports torch and timm, never jax).
 
 def _torch_worker(argv) -> int:
-  """``--torch-worker``: builds and warms the timm arms, then times them on request.
+  """``--torch_worker``: builds and warms the timm arms, then times them on request.
 
   Protocol: lines ``@@accelerator KIND {json}`` on stdout: ``arm`` / ``arm_error`` per model,
   then ``ready`` (or ``fatal``). Then each stdin line ``train|eval NAME N`` runs N steps and
   answers ``time {"seconds_per_step": s}``. EOF on stdin ends the worker.
   """
-  p = argparse.ArgumentParser(prog="accelerator.py --torch-worker")
+  p = argparse.ArgumentParser(prog="accelerator.py --torch_worker")
   p.add_argument("--mode", choices=("eager", "compile"), required=True)
   p.add_argument("--models", required=True)
   p.add_argument("--batch", type=int, required=True)
-  p.add_argument("--image-size", type=int, required=True)
-  p.add_argument("--num-classes", type=int, required=True)
-  p.add_argument("--warmup-steps", type=int, default=2)
+  p.add_argument("--image_size", type=int, required=True)
+  p.add_argument("--num_classes", type=int, required=True)
+  p.add_argument("--warmup_steps", type=int, default=2)
   p.add_argument("--device", default="cuda")
-  p.add_argument("--compile-mode", default="default")
-  p.add_argument("--timm-kwargs", default="{}")
+  p.add_argument("--compile_mode", default="default")
+  p.add_argument("--timm_kwargs", default="{}")
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
 
@@ -203,7 +204,7 @@ def _torch_worker(argv) -> int:
   return 0
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--torch-worker"]:
+if __name__ == "__main__" and sys.argv[1:2] == ["--torch_worker"]:
   sys.exit(_torch_worker(sys.argv[2:]))
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +217,8 @@ import platform  # noqa: E402
 import types  # noqa: E402
 from typing import Any  # noqa: E402
 
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
 import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -382,7 +385,7 @@ class JaxArm:
 
 
 class TorchWorker:
-  """One ``--torch-worker`` subprocess (eager or compile) and the timm arms it holds."""
+  """One ``--torch_worker`` subprocess (eager or compile) and the timm arms it holds."""
 
   def __init__(self, mode: str, *, python: str, models: str, batch: int, image_size: int,
                num_classes: int, warmup_steps: int, device: str, compile_mode: str,
@@ -391,11 +394,11 @@ class TorchWorker:
     self.arms, self.errors, self.info, self.failed = {}, {}, None, None
     self.log = tempfile.NamedTemporaryFile(  # pylint: disable=consider-using-with
         "w+", prefix=f"accelerator_torch_{mode}_", suffix=".log", delete=False)
-    cmd = [python, os.path.abspath(__file__), "--torch-worker", "--mode", mode,
-           "--models", models, "--batch", str(batch), "--image-size", str(image_size),
-           "--num-classes", str(num_classes), "--warmup-steps", str(warmup_steps),
-           "--device", device, "--compile-mode", compile_mode,
-           "--timm-kwargs", json.dumps(timm_kwargs), "--seed", str(seed)]
+    cmd = [python, os.path.abspath(__file__), "--torch_worker", "--mode", mode,
+           "--models", models, "--batch", str(batch), "--image_size", str(image_size),
+           "--num_classes", str(num_classes), "--warmup_steps", str(warmup_steps),
+           "--device", device, "--compile_mode", compile_mode,
+           "--timm_kwargs", json.dumps(timm_kwargs), "--seed", str(seed)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     self.started = time.monotonic()
     # Its own process group, so that stopping it also stops the compile workers it started.
@@ -541,64 +544,72 @@ def _goal_lines(goals) -> list[str]:
   return lines
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="resnet50", choices=list_models())
-  p.add_argument("--tiny", action="store_true",
-                 help="ResNet-50's blocks with stage_sizes (1,1,1,1), width 8, 128x128 images "
-                      "(a CPU smoke run); timm arms get the same shape")
-  p.add_argument("--image-size", type=int, default=None, help="default: the model's")
-  p.add_argument("--num-classes", type=int, default=1000)
-  p.add_argument("--recalibrations", default="none,se,ms_sar")
-  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-  p.add_argument("--implementation", default="auto", choices=backends.CHOICES)
-  p.add_argument("--batch-per-device", type=int, default=256)
-  p.add_argument("--steps", type=int, default=20, help="timed steps per arm per round")
-  p.add_argument("--warmup-steps", type=int, default=2)
-  p.add_argument("--rounds", type=int, default=5)
-  p.add_argument("--time-budget-seconds", type=float, default=330.0,
-                 help="whole run, from start-up; rounds are dropped to stay within it")
-  p.add_argument("--peak-tflops", type=float, default=None,
-                 help="dense bf16 peak per device (default: from the device kind)")
-  p.add_argument("--json", default="", help="write the results here")
-  p.add_argument("--no-torch", action="store_true", help="skip the PyTorch / timm arms")
-  p.add_argument("--torch-models", default=None,
-                 help="timm names (default: resnet50,seresnet50 for --model resnet50)")
-  p.add_argument("--torch-modes", default="eager,compile")
-  p.add_argument("--torch-compile-mode", default="default")
-  p.add_argument("--torch-compile-timeout", type=float, default=240.0,
-                 help="seconds from its start for a torch worker to build and compile its arms")
-  p.add_argument("--torch-python", default=sys.executable,
-                 help="interpreter for the torch workers (default: this one)")
-  p.add_argument("--torch-device", default="cuda", help="'cpu' only to test the protocol")
-  p.add_argument("--torch-start", default="first", choices=("first", "after-jax"),
-                 help="start the torch workers before the JAX compilations (they overlap; "
-                      "default) or after them (no overlap, longer run)")
-  p.add_argument("--jax-memory-fraction", type=float, default=0.35,
-                 help="XLA_PYTHON_CLIENT_MEM_FRACTION when torch arms share the GPU "
-                      "(unless already set)")
-  p.add_argument("--seed", type=int, default=0)
-  args = p.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The benchmark's flags (defined only when it runs, so the module imports anywhere)."""
+  fv = {"flag_values": flag_values}
+  flags.DEFINE_enum("model", "resnet50", list_models(), "Network of the JAX arms.", **fv)
+  flags.DEFINE_boolean("tiny", False, "ResNet-50's blocks with stage_sizes (1,1,1,1), width 8, "
+                       "128x128 images (a CPU smoke run); timm arms get the same shape.", **fv)
+  flags.DEFINE_integer("image_size", None, "Input size (default: the model's).", **fv)
+  flags.DEFINE_integer("num_classes", 1000, "Classifier size.", **fv)
+  flags.DEFINE_string("recalibrations", "none,se,ms_sar", "Comma list of the JAX arms' "
+                      "recalibrations.", **fv)
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.", **fv)
+  flags.DEFINE_enum("implementation", "auto", list(backends.CHOICES),
+                    "How the JAX arms compute their layers (mssar_jax.backends.choose).", **fv)
+  flags.DEFINE_integer("batch_per_device", 256, "Batch per device (global: x device count).",
+                       **fv)
+  flags.DEFINE_integer("steps", 20, "Timed steps per arm per round.", **fv)
+  flags.DEFINE_integer("warmup_steps", 2, "Untimed steps per arm after compilation.", **fv)
+  flags.DEFINE_integer("rounds", 5, "Timed rounds (medians over them).", **fv)
+  flags.DEFINE_float("time_budget_seconds", 330.0, "Whole run, from start-up; rounds are "
+                     "dropped to stay within it.", **fv)
+  flags.DEFINE_float("peak_tflops", None, "Dense bf16 peak per device (default: from the "
+                     "device kind).", **fv)
+  flags.DEFINE_string("json", "", "Write the results here ('': not).", **fv)
+  flags.DEFINE_boolean("torch", True, "Run the PyTorch / timm arms (--notorch: skip them).",
+                       **fv)
+  flags.DEFINE_string("torch_models", None, "timm names (default: resnet50,seresnet50 for "
+                      "--model resnet50).", **fv)
+  flags.DEFINE_string("torch_modes", "eager,compile", "Comma list of eager, compile.", **fv)
+  flags.DEFINE_string("torch_compile_mode", "default", "torch.compile's mode.", **fv)
+  flags.DEFINE_float("torch_compile_timeout", 240.0, "Seconds from its start for a torch "
+                     "worker to build and compile its arms.", **fv)
+  flags.DEFINE_string("torch_python", sys.executable, "Interpreter for the torch workers "
+                      "(default: this one).", **fv)
+  flags.DEFINE_string("torch_device", "cuda", "'cpu' only to test the protocol.", **fv)
+  flags.DEFINE_enum("torch_start", "first", ["first", "after-jax"], "Start the torch workers "
+                    "before the JAX compilations (they overlap; default) or after them (no "
+                    "overlap, longer run).", **fv)
+  flags.DEFINE_float("jax_memory_fraction", 0.35, "XLA_PYTHON_CLIENT_MEM_FRACTION when torch "
+                     "arms share the GPU (unless already set).", **fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the inputs and the parameters.", **fv)
+
+
+def main(argv) -> int:
+  """The benchmark, on the parsed ``flags.FLAGS`` (``app.run``)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
   deadline = _T0 + args.time_budget_seconds
   notes: list[str] = []
   recalibrations = [r for r in args.recalibrations.split(",") if r]
   if not recalibrations:
-    p.error("--recalibrations needs at least one of none, se, ms_sar")
+    raise app.UsageError("--recalibrations needs at least one of none, se, ms_sar")
   model_kwargs = dict(TINY) if args.tiny else {}
   if args.tiny and args.model != "resnet50":
-    p.error("--tiny is ResNet-50's blocks; use it with --model resnet50")
+    raise app.UsageError("--tiny is ResNet-50's blocks; use it with --model resnet50")
   image_size = args.image_size or (TINY_IMAGE_SIZE if args.tiny else input_size(args.model))
 
   # PyTorch workers first (before JAX touches the device), so they compile while XLA does;
-  # --torch-start after-jax starts them once the JAX arms are compiled and warm instead.
+  # --torch_start after-jax starts them once the JAX arms are compiled and warm instead.
   workers: list[TorchWorker] = []
   plan: list[tuple[str, str]] = []
   torch_models = args.torch_models or TIMM_MODELS.get(args.model)
-  if args.no_torch:
-    notes.append("timm arms: skipped (--no-torch)")
+  if not args.torch:
+    notes.append("timm arms: skipped (--notorch)")
   elif not torch_models:
-    notes.append(f"timm arms: skipped (no timm counterpart of {args.model}; --torch-models)")
+    notes.append(f"timm arms: skipped (no timm counterpart of {args.model}; --torch_models)")
   elif (args.torch_python == sys.executable
         and not (importlib.util.find_spec("torch") and importlib.util.find_spec("timm"))):
     notes.append("timm arms: skipped (torch or timm is not installed)")
@@ -669,7 +680,7 @@ def _run(args, deadline, notes, recalibrations, model_kwargs, image_size, worker
         raise
       notes.append(f"jax {r}: skipped, out of device memory (XLA_PYTHON_CLIENT_MEM_FRACTION="
                    f"{os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', 'default')}; raise "
-                   "--jax-memory-fraction or lower --batch-per-device)")
+                   "--jax_memory_fraction or lower --batch_per_device)")
       _log(notes[-1])
       continue
     _log(f"{arm.name}: compiled in {arm.compile_seconds:.1f} s, "
@@ -707,7 +718,7 @@ def _run(args, deadline, notes, recalibrations, model_kwargs, image_size, worker
   while rounds_run < args.rounds:
     if rounds_run and time.monotonic() + longest > deadline:
       notes.append(f"rounds reduced from {args.rounds} to {rounds_run} to stay within "
-                   f"--time-budget-seconds {args.time_budget_seconds:g}")
+                   f"--time_budget_seconds {args.time_budget_seconds:g}")
       break
     start = time.monotonic()
     k = rounds_run % len(arms)
@@ -860,4 +871,5 @@ def _run(args, deadline, notes, recalibrations, model_kwargs, image_size, worker
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main)

@@ -3,9 +3,11 @@ memory, the CIFAR-10 and ImageNet input pipelines, JAX's persistent compilation 
 (optionally) a PyTorch reference, in one run.
 
     python benchmarks/bench.py                                  # cifar_resnet56, batch 128
-    python benchmarks/bench.py --torch-python /work/torch_venv/bin/python --compile
-    python benchmarks/bench.py --quick --data-dir "$MSSAR_TFDS_DATA_DIR" --json out.json  # CI
+    python benchmarks/bench.py --torch_python /work/torch_venv/bin/python --compile
+    python benchmarks/bench.py --quick --data_dir "$MSSAR_TFDS_DATA_DIR" --json out.json  # CI
     python benchmarks/bench.py --implementation xla            # plain flax layers, XLA's convs
+    python benchmarks/bench.py --quick --config.depth=8 --config.width=4 --batch_size 8
+    python benchmarks/bench.py --helpfull                       # every flag
 
 Everything that is compared is measured side by side: after one untimed round, every round
 times ``--steps`` train steps of each arm in turn (none, se, ms_sar, the PyTorch subprocess,
@@ -26,8 +28,8 @@ assignment for the compiled step (arguments + outputs + temporaries - aliased); 
 maximum RSS is reported once.
 
 The PyTorch reference (``benchmarks/torch_resnet.py``, run with the interpreter given by
-``--torch-python``; torch is never imported here) is the same CIFAR ResNet train step, eager,
-on float images, with ``--torch-threads`` threads (default: the CPU count, which is what
+``--torch_python``; torch is never imported here) is the same CIFAR ResNet train step, eager,
+on float images, with ``--torch_threads`` threads (default: the CPU count, which is what
 XLA:CPU uses). When the JAX arms use oneDNN convolutions, a JAX arm with XLA's own
 convolutions (the same CPU implementation otherwise) is timed against PyTorch too.
 
@@ -35,14 +37,19 @@ Input pipelines (``mssar_jax.data.TrainData``, read alone, after their first bat
 CIFAR-10 train stream (pad 4, random crop 32, random flip; cached decoded images) and the
 ImageNet train stream (``configs/imagenet.py:resnet50,none``: TFDS JPEG decode fused with a
 random-resized crop, resize to 224, random flip; no cache) on the imagenet2012 data in
-``--data-dir`` (a 1,000-image sample suffices). Both are reported in img/s, per CPU core this
+``--data_dir`` (a 1,000-image sample suffices). Both are reported in img/s, per CPU core this
 process may use (``os.sched_getaffinity``) and per second of process CPU time.
 
-Persistent compilation cache: ``--compile-cache-model``'s train step is traced and compiled
+Persistent compilation cache: ``--compile_cache_model``'s train step is traced and compiled
 in a fresh process with an empty ``jax_compilation_cache_dir``
 (``jax_persistent_cache_min_compile_time_secs=0``), then again in a second fresh process
 reusing that directory; both times and the ratio are reported (``--quick``: the quick
 network with ms_sar at the quick batch).
+
+Network and recalibration arguments: ``--config.<argument>=<value>`` (``--config.depth=8``,
+``--config.scales='(2,4)'``; ``--helpfull`` lists them) sets it for every arm: a network field
+for all of them, a recalibration argument for the arms whose recalibration takes it. Unset
+ones keep the model's defaults.
 
 Output: a markdown table on stdout, JSON in ``--json``. Run as a program it first re-runs
 itself with the trainer's glibc malloc tunables (``mssar_jax.cpu_process``; the PyTorch and
@@ -51,9 +58,8 @@ cache-probe subprocesses inherit them), so it times the step as ``train.py`` run
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -67,7 +73,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+import types
+from typing import Any, Sequence
 
 if __name__ == "__main__":
   # Measure the step as train.py runs it: re-run this command line once with the trainer's
@@ -75,10 +82,14 @@ if __name__ == "__main__":
   from mssar_jax import cpu_process as _cpu_process
   _cpu_process.reexec_with_tuned_malloc()
 
+from absl import app
+from absl import flags
 import jax
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import config_dict
+from ml_collections import config_flags
 import optax
 
 from mssar_jax import datasets
@@ -90,6 +101,9 @@ from mssar_jax.backends.cpu import gate_kernels
 from mssar_jax.backends.cpu import onednn_conv
 from mssar_jax.errors import ConfigError
 from mssar_jax.models import Implementation, get_model, input_size, list_models
+from mssar_jax.models import get_spec, model_arguments
+from mssar_jax.recalibration import get_recalibration, list_recalibrations
+from mssar_jax.recalibration import recalibration_arguments
 from mssar_jax.train import optim
 from mssar_jax.train import state as state_lib
 from mssar_jax.train import step as step_lib
@@ -115,6 +129,50 @@ def resolve_implementation(name: str) -> dict[str, Any]:
   if choice.impl != Implementation():  # the CPU backend: native parts as choose found them
     onednn, kernels, _ = cpu.native_status(1)
   return {"choice": choice, "onednn": onednn, "kernels": kernels}
+
+
+# ---------------------------------------------------------------------------------------------
+# Network and recalibration arguments (--config.<argument>=<value>).
+
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _field_type(annotation) -> type | None:
+  """The flag type of a dataclass field's annotation ('int', 'Sequence[int]', ...), or None."""
+  text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__",
+                                                                 str(annotation))
+  if text in _FIELD_TYPES:
+    return _FIELD_TYPES[text]
+  if text.startswith(("Sequence", "tuple", "Tuple")):
+    return tuple
+  return None
+
+
+def model_config() -> config_dict.ConfigDict:
+  """``--config``'s fields: every network field and recalibration argument of the zoo, each
+  unset (None: the model's default) until given on the command line."""
+  classes = [(get_spec(m).constructor.func, model_arguments(m)) for m in list_models()]
+  classes += [(get_recalibration(r), recalibration_arguments(r)) for r in list_recalibrations()
+              if get_recalibration(r) is not None]
+  fields: dict[str, type] = {}
+  for cls, names in classes:
+    annotations = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name in names:
+      kind = _field_type(annotations[name])
+      if kind is not None:
+        fields.setdefault(name, kind)
+  return config_dict.ConfigDict({k: config_dict.placeholder(v) for k, v in sorted(fields.items())})
+
+
+def arm_kwargs(name: str, recalibration: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+  """The arguments of ``model_kwargs`` for one arm: network fields always, recalibration
+  arguments only where ``recalibration`` takes them (anything else too, so that
+  ``get_model`` names the mistake)."""
+  recal = set(recalibration_arguments(recalibration))
+  network = set(model_arguments(name))
+  every = {a for r in list_recalibrations() for a in recalibration_arguments(r)}
+  return {k: v for k, v in model_kwargs.items()
+          if k in network or k in recal or k not in every}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +207,7 @@ class Arm:
     size = input_size(name)
     stats = _dataset_stats(size)
     model = get_model(name, num_classes=stats.num_classes, recalibration=recalibration,
-                      impl=impl, **model_kwargs)
+                      impl=impl, **arm_kwargs(name, recalibration, model_kwargs))
     train_step, tx, eval_step = _trainer_step(model, stats)
     rng = np.random.default_rng(seed)
     images = jnp.asarray(rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8))
@@ -214,7 +272,7 @@ def _abstract_step(name: str, recalibration: str, batch_size: int, impl: Impleme
   size = input_size(name)
   stats = _dataset_stats(size)
   model = get_model(name, num_classes=stats.num_classes, recalibration=recalibration,
-                    impl=impl, **model_kwargs)
+                    impl=impl, **arm_kwargs(name, recalibration, model_kwargs))
   train_step, tx, _ = _trainer_step(model, stats)
   state = jax.eval_shape(functools.partial(state_lib.init_state, model=model, tx=tx,
                                            image_size=size), jax.random.key(0))
@@ -269,6 +327,11 @@ def compile_cache_probe(directory: str, spec: str, batch_size: int, implementati
   return result
 
 
+def _flag_text(value) -> str:
+  """A --config value as the command line spells it (strings bare, the rest as literals)."""
+  return value if isinstance(value, str) else repr(value)
+
+
 def _cache_files(directory: str) -> set[str]:
   return {str(p) for p in pathlib.Path(directory).rglob("*") if p.is_file()}
 
@@ -278,11 +341,11 @@ def compile_cache_rate(args, spec: str, batch_size: int,
   """Runs ``compile_cache_probe`` in two subprocesses of this script, the first with an empty
   cache directory, the second reusing it; their times and the ratio first / second."""
   directory = tempfile.mkdtemp(prefix="mssar_bench_compile_cache_")
-  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--compile-cache-probe",
-         directory, "--compile-cache-model", spec, "--compile-batch-size", str(batch_size),
-         "--implementation", args.implementation, "--xla-flags", args.xla_flags, "--json", ""]
-  for key, value in model_kwargs.items():
-    cmd += ["--set", f"{key}={value!r}"]
+  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()),
+         f"--compile_cache_probe={directory}", f"--compile_cache_model={spec}",
+         f"--compile_batch_size={batch_size}", f"--implementation={args.implementation}",
+         f"--xla_flags={args.xla_flags}", "--json="]
+  cmd += [f"--config.{key}={_flag_text(value)}" for key, value in model_kwargs.items()]
   env = cpu_process.environment() if cpu_process.wanted() else dict(os.environ)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the probe sets its own directory
   runs = {}
@@ -317,7 +380,7 @@ class TorchArm:
 
   def __init__(self, python: str, depth: int, batch_size: int, threads: int):
     if not TORCH_SCRIPT.exists():
-      raise ConfigError(f"--torch-python: {TORCH_SCRIPT} is missing (run from a checkout).")
+      raise ConfigError(f"--torch_python: {TORCH_SCRIPT} is missing (run from a checkout).")
     cmd = [python, str(TORCH_SCRIPT), "--depth", str(depth), "--batch-size", str(batch_size),
            "--threads", str(threads)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -325,7 +388,7 @@ class TorchArm:
       self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=env)
     except OSError as e:
-      raise ConfigError(f"--torch-python {python!r} cannot be started ({e}); pass the python "
+      raise ConfigError(f"--torch_python {python!r} cannot be started ({e}); pass the python "
                         "of an environment with torch installed.") from e
     line = self._proc.stdout.readline()
     if not line.startswith("ready "):
@@ -428,7 +491,7 @@ def _median_ratio(a, b):
 
 def run(args) -> dict[str, Any]:
   """Builds the arms, alternates timing rounds, returns the JSON-able results."""
-  model_kwargs = dict(args.set)
+  model_kwargs = dict(args.model_kwargs)
   recals = [r for r in args.recalibrations.split(",") if r]
   if "none" not in recals:
     recals.insert(0, "none")
@@ -436,7 +499,7 @@ def run(args) -> dict[str, Any]:
   if args.torch_python:
     m = re.fullmatch(r"cifar_resnet(\d+)", args.torch_model)
     if not m:
-      raise ConfigError(f"--torch-model must be a cifar_resnetN (got {args.torch_model!r}).")
+      raise ConfigError(f"--torch_model must be a cifar_resnetN (got {args.torch_model!r}).")
     torch_depth = int(m.group(1))
   resolved = resolve_implementation(args.implementation)
   choice = resolved["choice"]
@@ -568,7 +631,7 @@ def run(args) -> dict[str, Any]:
             f"({cpu_seconds:.1f} s CPU)", file=sys.stderr, flush=True)
   if args.compile_cache:
     spec = args.compile_cache_model
-    # --set belongs to --model: it shapes the probe only when the probe builds that model.
+    # --config belongs to --model: it shapes the probe only when the probe builds that model.
     kwargs = model_kwargs if spec.partition(":")[0] == args.model else {}
     try:
       c = compile_cache_rate(args, spec, args.compile_batch_size, kwargs)
@@ -729,100 +792,111 @@ def _fmt_load(load):
   return "?" if not load else "/".join(f"{x:.1f}" for x in load)
 
 
-def _parse_set(text: str):
-  if "=" not in text:
-    raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
-  key, value = text.split("=", 1)
-  try:
-    value = ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    pass
-  return key, value
+# ---------------------------------------------------------------------------------------------
+# Command line (absl flags; ``main`` parses into a flag set of its own, so tests can call it).
+
+# --quick's settings, for the flags not given on the command line.
+QUICK = {"model": "cifar_resnet20", "batch_size": 32,
+         "rounds": 3,  # a median that one slow step cannot move
+         "steps": 1, "pipeline_batches": 20, "shuffle_buffer": 2048, "imagenet_batches": 8}
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", default="cifar_resnet56", choices=list_models())
-  parser.add_argument("--batch-size", type=int, default=128)
-  parser.add_argument("--recalibrations", default="none,se,ms_sar")
-  parser.add_argument("--set", action="append", type=_parse_set, default=[], metavar="KEY=VALUE",
-                      help="network field for all arms, e.g. --set depth=8 --set width=4")
-  parser.add_argument("--implementation", default="auto", choices=backends.CHOICES,
-                      help="how the JAX arms compute their layers (mssar_jax.backends.choose, "
-                           "one device): auto (cpu on a CPU), xla (plain flax layers, XLA's "
-                           "convolutions) or cpu (oneDNN FFI convolutions and gate kernels "
-                           "where built, two-pass BatchNorm, folded recalibration)")
-  parser.add_argument("--rounds", type=int, default=7)
-  parser.add_argument("--steps", type=int, default=2, help="train (and eval) steps per round")
-  parser.add_argument("--no-eval", dest="eval", action="store_false")
-  parser.add_argument("--no-pipeline", dest="pipeline", action="store_false",
-                      help="skip both input pipelines")
-  parser.add_argument("--data-dir", default=os.environ.get("MSSAR_TFDS_DATA_DIR")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 sys_argv: Sequence[str] | None = None) -> None:
+  """The benchmark's flags, in ``flag_values``. ``sys_argv``: the command line that
+  ``--config.<argument>`` overrides are read from (default: sys.argv)."""
+  fv = {"flag_values": flag_values}
+  flags.DEFINE_enum("model", "cifar_resnet56", list_models(), "Network of the JAX arms.", **fv)
+  flags.DEFINE_integer("batch_size", 128, "Train (and eval) batch.", **fv)
+  flags.DEFINE_string("recalibrations", "none,se,ms_sar",
+                      "Comma list of recalibrations timed side by side ('none' always is).",
+                      **fv)
+  config_flags.DEFINE_config_dict(
+      "config", model_config(),
+      "Network fields and recalibration arguments for all arms, e.g. --config.depth=8 "
+      "--config.width=4 --config.scales='(2,4)' (unset: the model's defaults; a "
+      "recalibration argument goes to the arms whose recalibration takes it).",
+      sys_argv=None if sys_argv is None else list(sys_argv), **fv)
+  flags.DEFINE_enum("implementation", "auto", list(backends.CHOICES),
+                    "How the JAX arms compute their layers (mssar_jax.backends.choose, one "
+                    "device): auto (cpu on a CPU), xla (plain flax layers, XLA's convolutions) "
+                    "or cpu (oneDNN FFI convolutions and gate kernels where built, two-pass "
+                    "BatchNorm, folded recalibration).", **fv)
+  flags.DEFINE_integer("rounds", 7, "Timed rounds (medians over them).", **fv)
+  flags.DEFINE_integer("steps", 2, "Train (and eval) steps per arm per round.", **fv)
+  flags.DEFINE_boolean("eval", True, "Also time the eval step (--noeval: not).", **fv)
+  flags.DEFINE_boolean("pipeline", True, "Time both input pipelines (--nopipeline: skip them).",
+                       **fv)
+  flags.DEFINE_string("data_dir", os.environ.get("MSSAR_TFDS_DATA_DIR")
                       or os.environ.get("TFDS_DATA_DIR") or str(_ROOT.parent / "shared/data/tfds"),
-                      help="TFDS data_dir holding cifar10 and imagenet2012")
-  parser.add_argument("--pipeline-batches", type=int, default=100,
-                      help="CIFAR-10 train batches timed (batch --batch-size)")
-  parser.add_argument("--shuffle-buffer", type=int, default=50_000,
-                      help="CIFAR shuffle buffer (default 50,000: the recipe's full shuffle)")
-  parser.add_argument("--imagenet-batches", type=int, default=30,
-                      help="ImageNet train batches timed (0: skip); 30 stays within the first "
-                           "epoch of the 1,000-image sample at batch 32")
-  parser.add_argument("--imagenet-batch-size", type=int, default=32)
-  parser.add_argument("--compile", action="store_true",
-                      help="also time the compilation of --compile-models (slow)")
-  parser.add_argument("--compile-models", default=",".join(DEFAULT_COMPILE),
-                      type=lambda s: [x for x in s.split(",") if x])
-  parser.add_argument("--compile-batch-size", type=int, default=128,
-                      help="batch of --compile and of the compilation-cache processes")
-  parser.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
-                      help="skip the persistent compilation cache measurement")
-  parser.add_argument("--compile-cache-model", default=DEFAULT_COMPILE_CACHE, metavar="MODEL:RECAL",
-                      help=f"train step compiled with an empty, then a reused persistent cache "
-                           f"(default {DEFAULT_COMPILE_CACHE}; --quick: --model:ms_sar)")
-  parser.add_argument("--compile-cache-probe", default="", metavar="DIR", help=argparse.SUPPRESS)
-  parser.add_argument("--torch-python", default="", help="python of a venv with torch")
-  parser.add_argument("--torch-model", default="cifar_resnet20")
-  parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
-  parser.add_argument("--xla-flags", default=cpu_process.FAST_CPU_FLAGS,
-                      help="XLA flags added to $XLA_FLAGS before JAX starts ('' : none); "
-                           f"default: {cpu_process.FAST_CPU_FLAGS}")
-  parser.add_argument("--json", default="bench.json", help="where to write the JSON ('' : not)")
-  parser.add_argument("--quick", action="store_true",
-                      help="CI smoke run: cifar_resnet20, batch 32, 3 rounds x 1 step, "
-                           "20 CIFAR pipeline batches with a 2,048 shuffle buffer, 8 ImageNet "
-                           "batches, the compilation cache on --model + ms_sar at --batch-size")
-  args = parser.parse_args(argv)
+                      "TFDS data_dir holding cifar10 and imagenet2012.", **fv)
+  flags.DEFINE_integer("pipeline_batches", 100, "CIFAR-10 train batches timed (batch "
+                       "--batch_size).", **fv)
+  flags.DEFINE_integer("shuffle_buffer", 50_000, "CIFAR shuffle buffer (default 50,000: the "
+                       "recipe's full shuffle).", **fv)
+  flags.DEFINE_integer("imagenet_batches", 30, "ImageNet train batches timed (0: skip); 30 "
+                       "stays within the first epoch of the 1,000-image sample at batch 32.",
+                       **fv)
+  flags.DEFINE_integer("imagenet_batch_size", 32, "Batch of the ImageNet train stream.", **fv)
+  flags.DEFINE_boolean("compile", False, "Also time the compilation of --compile_models "
+                       "(slow).", **fv)
+  flags.DEFINE_list("compile_models", list(DEFAULT_COMPILE),
+                    "MODEL:RECALIBRATION train steps that --compile times.", **fv)
+  flags.DEFINE_integer("compile_batch_size", 128, "Batch of --compile and of the "
+                       "compilation-cache processes (--quick: --batch_size).", **fv)
+  flags.DEFINE_boolean("compile_cache", True, "Measure JAX's persistent compilation cache "
+                       "(--nocompile_cache: skip it).", **fv)
+  flags.DEFINE_string("compile_cache_model", DEFAULT_COMPILE_CACHE,
+                      "MODEL:RECALIBRATION whose train step is compiled with an empty, then a "
+                      f"reused persistent cache (default {DEFAULT_COMPILE_CACHE}; --quick: "
+                      "--model:ms_sar).", **fv)
+  flags.DEFINE_string("compile_cache_probe", "", "Internal: the cache directory of one "
+                      "compilation-cache subprocess.", **fv)
+  flags.DEFINE_string("torch_python", "", "Python of a venv with torch: adds the PyTorch "
+                      "reference ('': none).", **fv)
+  flags.DEFINE_string("torch_model", "cifar_resnet20", "The PyTorch reference's network (a "
+                      "cifar_resnetN).", **fv)
+  flags.DEFINE_integer("torch_threads", os.cpu_count() or 1, "Threads of the PyTorch "
+                       "reference.", **fv)
+  flags.DEFINE_string("xla_flags", cpu_process.FAST_CPU_FLAGS,
+                      "XLA flags added to $XLA_FLAGS before JAX starts ('': none).", **fv)
+  flags.DEFINE_string("json", "bench.json", "Where to write the JSON ('': not).", **fv)
+  flags.DEFINE_boolean("quick", False, "CI smoke run: cifar_resnet20, batch 32, 3 rounds x 1 "
+                       "step, 20 CIFAR pipeline batches with a 2,048 shuffle buffer, 8 ImageNet "
+                       "batches, the compilation cache on --model + ms_sar at --batch_size "
+                       "(flags given on the command line win).", **fv)
+
+
+def settings(flag_values: flags.FlagValues) -> types.SimpleNamespace:
+  """The parsed flags as one namespace (``args``), --quick's settings applied, and
+  ``model_kwargs``: the --config arguments given."""
+  own = flag_values.flags_by_module_dict()[flag_values.find_module_defining_flag("model")]
+  names = [f.name for f in own if f.name != "config"]
+  args = types.SimpleNamespace(**{n: flag_values[n].value for n in names})
+  args.compile_models = [x for x in args.compile_models if x]
+  args.model_kwargs = {k: v for k, v in flag_values["config"].value.to_dict().items()
+                       if v is not None}
   if args.quick:
-    given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
-    if "--model" not in given:
-      args.model = "cifar_resnet20"
-    if "--batch-size" not in given:
-      args.batch_size = 32
-    if "--rounds" not in given:
-      args.rounds = 3  # a median that one slow step cannot move
-    if "--steps" not in given:
-      args.steps = 1
-    if "--pipeline-batches" not in given:
-      args.pipeline_batches = 20
-    if "--shuffle-buffer" not in given:
-      args.shuffle_buffer = 2048
-    if "--imagenet-batches" not in given:
-      args.imagenet_batches = 8
-    if "--compile-cache-model" not in given:
+    given = {n for n in names if flag_values[n].present}
+    for name, value in QUICK.items():
+      if name not in given:
+        setattr(args, name, value)
+    if "compile_cache_model" not in given:
       args.compile_cache_model = f"{args.model}:ms_sar"
-    if "--compile-batch-size" not in given:
+    if "compile_batch_size" not in given:
       args.compile_batch_size = args.batch_size
   return args
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
+def bench(args) -> int:
+  """Runs the benchmark (or, with --compile_cache_probe, one compilation-cache probe)."""
   if args.xla_flags:
     cpu_process.add_xla_flags(args.xla_flags)
   try:
     if args.compile_cache_probe:  # a subprocess of compile_cache_rate
       probe = compile_cache_probe(args.compile_cache_probe, args.compile_cache_model,
-                                  args.compile_batch_size, args.implementation, dict(args.set))
+                                  args.compile_batch_size, args.implementation,
+                                  args.model_kwargs)
       print(_PROBE_PREFIX + json.dumps(probe), flush=True)
       return 0
     result = run(args)
@@ -837,5 +911,39 @@ def main(argv=None) -> int:
   return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """The benchmark on the command line ``argv`` (the arguments after the program name;
+  default: sys.argv's), parsed into a flag set of its own: callable from Python (tests)."""
+  argv = [sys.argv[0] if sys.argv else "bench.py",
+          *(sys.argv[1:] if argv is None else argv)]
+  flag_values = flags.FlagValues()
+  try:
+    define_flags(flag_values, sys_argv=argv)  # reads the --config.<argument> overrides
+    rest = flag_values(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except (AttributeError, KeyError) as e:
+    print(f"error: unknown --config argument {str(e).strip(chr(34) + chr(39))!r}; "
+          "--helpfull lists them", file=sys.stderr)
+    return 2
+  if len(rest) > 1:
+    print(f"error: unexpected arguments {rest[1:]}", file=sys.stderr)
+    return 2
+  return bench(settings(flag_values))
+
+
+def _app_main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  return bench(settings(flags.FLAGS))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  try:
+    define_flags()  # reads the --config.<argument> overrides given
+  except (AttributeError, KeyError) as error:
+    sys.exit(f"error: unknown --config argument {str(error).strip(chr(34) + chr(39))!r}; "
+             "--helpfull lists them")
+  app.run(_app_main)
+

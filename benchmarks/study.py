@@ -5,6 +5,9 @@ r"""The evidence study: cifar_resnet20 with none / se / ms_sar, several seeds, o
     python benchmarks/study.py train --data_dir ../shared/data/tfds --runs /tmp/study
     # the table and the figure, from the records in docs/study/runs/ alone
     python benchmarks/study.py report
+    # a shortened run: train.py config keys for every run
+    python benchmarks/study.py train --data_dir ... --runs /tmp/s --config.num_train_steps=8 \
+        --config.model_kwargs.depth=8
 
 A run is ``configs/cifar.py:cifar10,cifar_resnet20,<variant>`` (He et al.'s recipe: SGD
 momentum 0.9, lr 0.1 at batch 128, weight decay 1e-4, lr / 10 at 50% and 75%) for
@@ -15,9 +18,21 @@ line: final accuracy, training time, machine, commit), copied when the run ends;
 interrupted run resumes from its checkpoint when the command is run again. While the file
 ``<runs>/PAUSE`` exists no run is (re)started: ``touch <runs>/PAUSE`` and SIGTERM the
 trainer to lend the machine to something else; remove the file and the run resumes.
-``--set KEY=VALUE`` overrides come after the tool's own settings, so they win: a shortened run
-(tests) can set ``num_train_steps``, ``eval_every_steps``, ``log_every_steps``,
-``checkpoint_every_steps``, ``train_split``, ``batch_size``, ... without changing the defaults.
+``--config.<key>=<value>`` sets a key of train.py's config (``--helpfull`` lists them; the
+ms_sar variant's config, so ``recalibration_kwargs.*`` too) for every run: each key given on
+the command line is passed on to train.py as ``--config.<key>=<value>``, after the tool's own
+settings, so it wins: a shortened run (tests) can set ``num_train_steps``,
+``eval_every_steps``, ``log_every_steps``, ``checkpoint_every_steps``, ``train_split``,
+``batch_size``, ... without changing the defaults. Without any, the train.py commands are
+the study's own.
+
+The command is the first positional argument, ``train`` or ``report``; the flags are one set
+(absl): those that only ``train`` uses (``--data_dir``, ``--epochs``, ``--seeds``,
+``--variants``, ``--suffix``, ``--commit``) are ignored by ``report``, which takes no
+``--config.<key>``. ``--runs`` and ``--out`` belong to both, with a meaning and default per
+command: train's ``--runs`` holds the workdirs (required), its ``--out`` (default
+docs/study/runs) the records; report reads the records from ``--runs`` (default
+docs/study/runs) and writes to ``--out`` (default docs/study).
 
 ``report`` reads only the recorded runs under ``--runs`` (each ``<variant>[suffix]_seed<seed>/``
 directory with a ``summary.json``; of it only ``config.json``, ``metrics.jsonl``,
@@ -30,8 +45,8 @@ steps to first reach 85% and 88% test accuracy. It needs neither JAX nor the wor
 
 from __future__ import annotations
 
-import argparse
 import datetime
+import functools
 import json
 import os
 import math
@@ -44,6 +59,11 @@ import subprocess
 import sys
 import threading
 import time
+import types
+from typing import Sequence
+
+from absl import app
+from absl import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("none", "se", "ms_sar")
@@ -189,13 +209,13 @@ def record_run(name: str, workdir: str, out: str, *, other_cpu: float, command: 
 
 
 def train(args) -> int:
-  overrides = list(args.set)
+  overrides = [f"{key}={_flag_text(value)}" for key, value in args.config_overrides]
   variants = [v for v in args.variants.split(",") if v]
   seeds = [int(s) for s in args.seeds.split(",") if s]
   total = args.epochs * steps_per_epoch(128)
-  for o in overrides:  # a shortened run (for tests): num_train_steps=N
-    if o.startswith("num_train_steps="):
-      total = int(o.split("=", 1)[1])
+  for key, value in args.config_overrides:  # a shortened run (for tests): num_train_steps=N
+    if key == "num_train_steps":
+      total = int(value)
   pause = os.path.join(args.runs, "PAUSE")
   os.makedirs(args.runs, exist_ok=True)
   for seed in seeds:
@@ -713,32 +733,114 @@ def report(args) -> int:
   return 0
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python benchmarks/study.py", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True)
-  t = sub.add_parser("train", help="train the runs not yet recorded")
-  t.add_argument("--data_dir", required=True, help="TFDS data_dir holding cifar10")
-  t.add_argument("--runs", required=True, help="where the run workdirs (checkpoints) go")
-  t.add_argument("--out", default=DEFAULT_RUNS, help="where finished runs are recorded")
-  t.add_argument("--epochs", type=int, default=15)
-  t.add_argument("--seeds", default="0,1,2")
-  t.add_argument("--variants", default=",".join(VARIANTS))
-  t.add_argument("--suffix", default="", help="added to the variant in run names")
-  t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="config override for every run, e.g. recalibration_kwargs.x=1; it "
-                 "comes after the tool's own settings (eval/log/checkpoint cadence), so it wins")
-  t.add_argument("--commit", action="store_true", help="git commit each run's record")
-  r = sub.add_parser("report", help="results.md and curves.png from the recorded runs")
-  r.add_argument("--runs", default=DEFAULT_RUNS, help="the recorded runs (train's --out)")
-  r.add_argument("--out", default=DEFAULT_OUT, help="where results.md and curves.png go")
-  args = parser.parse_args(argv)
+# ---------------------------------------------------------------------------------------------
+# Command line: `train` or `report`, then absl flags (one set for both commands)
+# ---------------------------------------------------------------------------------------------
+
+COMMANDS = ("train", "report")
+CONFIG = "cifar10,cifar_resnet20,ms_sar"  # --config's keys and types: this variant's config
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, *, config: bool = True,
+                 sys_argv: Sequence[str] | None = None) -> None:
+  """The study's flags, in ``flag_values``. ``config``: also ``--config.<key>`` (train.py's
+  config keys; loading that config imports JAX, which ``report`` never needs). ``sys_argv``:
+  the command line that the ``--config.<key>`` overrides are read from (default: sys.argv)."""
+  fv = {"flag_values": flag_values}
+  flags.DEFINE_string("data_dir", None, "train: TFDS data_dir holding cifar10 (required).",
+                      **fv)
+  flags.DEFINE_string("runs", None, "train: where the run workdirs (checkpoints) go "
+                      "(required). report: the recorded runs, train's --out (default "
+                      f"{_shown(DEFAULT_RUNS)}).", **fv)
+  flags.DEFINE_string("out", None, "train: where finished runs are recorded (default "
+                      f"{_shown(DEFAULT_RUNS)}). report: where results.md and curves.png go "
+                      f"(default {_shown(DEFAULT_OUT)}).", **fv)
+  flags.DEFINE_integer("epochs", 15, "train: epochs of each run.", **fv)
+  flags.DEFINE_string("seeds", "0,1,2", "train: comma list of seeds.", **fv)
+  flags.DEFINE_string("variants", ",".join(VARIANTS), "train: comma list of variants.", **fv)
+  flags.DEFINE_string("suffix", "", "train: added to the variant in run names.", **fv)
+  flags.DEFINE_boolean("commit", False, "train: git commit each run's record.", **fv)
+  if config:
+    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+    from mssar_jax.configs import cifar  # pylint: disable=import-outside-toplevel  (JAX)
+    config_flags.DEFINE_config_dict(
+        "config", cifar.get_config(CONFIG),
+        "train: a train.py config key for every run, e.g. --config.num_train_steps=8 "
+        "--config.model_kwargs.depth=8; each one given is passed on to train.py after the "
+        "tool's own settings (eval/log/checkpoint cadence), so it wins.",
+        sys_argv=None if sys_argv is None else list(sys_argv), **fv)
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+  """The first positional argument of ``argv`` (argv[0]: the program), or None."""
+  scratch = flags.FlagValues()
+  define_flags(scratch, config=False)
+  try:
+    rest = scratch(list(argv), known_only=True)  # --config.<key> left in rest
+  except flags.Error:
+    return None
+  positional = [a for a in rest[1:] if not a.startswith("-")]
+  return positional[0] if positional else None
+
+
+def _flag_text(value) -> str:
+  """A config value as train.py's command line spells it (strings bare, the rest literals)."""
+  return value if isinstance(value, str) else repr(value)
+
+
+def config_overrides(flag_values: flags.FlagValues) -> list[tuple[str, object]]:
+  """(key, value) of each --config.<key> given on the command line, in its order."""
+  config = flag_values["config"].value
+  keys = [name.split(".", 1)[1] for name in flag_values
+          if name.startswith("config.") and flag_values[name].present]
+  return [(key, functools.reduce(getattr, key.split("."), config)) for key in keys]
+
+
+def run_command(flag_values: flags.FlagValues, positional: Sequence[str]) -> int:
+  """Runs ``train`` or ``report`` (``positional``: the arguments left after the flags)."""
+  if len(positional) != 1 or positional[0] not in COMMANDS:
+    raise app.UsageError(f"give one command, train or report (got {list(positional)})")
+  names = ("data_dir", "runs", "out", "epochs", "seeds", "variants", "suffix", "commit")
+  args = types.SimpleNamespace(command=positional[0],
+                               **{n: flag_values[n].value for n in names})
   if args.command == "train":
+    missing = [f"--{n}" for n in ("data_dir", "runs") if not getattr(args, n)]
+    if missing:
+      raise app.UsageError(f"train needs {' and '.join(missing)}")
+    args.out = args.out or DEFAULT_RUNS
+    args.config_overrides = config_overrides(flag_values)
     return train(args)
-  if args.command == "report":
-    return report(args)
-  return 2
+  args.runs = args.runs or DEFAULT_RUNS
+  args.out = args.out or DEFAULT_OUT
+  return report(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line ``argv`` (the arguments after the program name; default: sys.argv's),
+  parsed into a flag set of its own: callable from Python, several calls side by side."""
+  argv = ["study.py", *(sys.argv[1:] if argv is None else argv)]
+  flag_values = flags.FlagValues()
+  try:
+    define_flags(flag_values, config=command_of(argv) != "report", sys_argv=argv)
+    rest = flag_values(argv)
+    return run_command(flag_values, rest[1:])
+  except (flags.Error, app.UsageError) as e:
+    print(f"study: {e}", file=sys.stderr)
+    return 2
+  except (AttributeError, KeyError) as e:  # config_flags on an unknown --config.<key>
+    print(f"study: unknown --config key {str(e).strip(chr(34) + chr(39))!r}; --helpfull "
+          "lists them", file=sys.stderr)
+    return 2
+
+
+def _app_main(argv) -> int:
+  return run_command(flags.FLAGS, argv[1:])
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  try:
+    define_flags(config=command_of(sys.argv) != "report")  # reads the --config.<key> given
+  except (AttributeError, KeyError) as error:
+    sys.exit(f"study: unknown --config key {str(error).strip(chr(34) + chr(39))!r}; "
+             "--helpfull lists them")
+  app.run(_app_main)

@@ -22,8 +22,8 @@ def test_tiny_run_on_cpu(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
                       "--xla_backend_optimization_level=0"}
-  cmd = [sys.executable, str(SCRIPT), "--tiny", "--batch-per-device", "4", "--steps", "2",
-         "--warmup-steps", "1", "--rounds", "2", "--no-torch", "--time-budget-seconds", "300",
+  cmd = [sys.executable, str(SCRIPT), "--tiny", "--batch_per_device", "4", "--steps", "2",
+         "--warmup_steps", "1", "--rounds", "2", "--notorch", "--time_budget_seconds", "300",
          "--json", str(out)]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
                         cwd=tmp_path, check=False)
@@ -57,7 +57,7 @@ def test_tiny_run_on_cpu(tmp_path):
   goals = result["goals"]
   assert goals["ms_sar_over_none"]["max"] == 1.10
   assert goals["ms_sar_vs_seresnet50_compile"]["met"] is None   # no timm arms here
-  assert any("--no-torch" in n for n in result["notes"])
+  assert any("--notorch" in n for n in result["notes"])
   imports = result["imports"]
   assert imports["forbidden"] == []
   assert not imports["torch_in_this_process"]

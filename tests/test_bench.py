@@ -38,9 +38,9 @@ def _check_pipeline(p, dataset, batch_size, image_size):
 
 def test_quick_bench_on_a_tiny_network(tmp_path, capsys):
   out = tmp_path / "bench.json"
-  argv = ["--quick", "--set", "depth=8", "--set", "width=4", "--batch-size", "8",
-          "--data-dir", str(_DATA_DIR), "--pipeline-batches", "5", "--shuffle-buffer", "256",
-          "--imagenet-batch-size", "8", "--imagenet-batches", "3", "--json", str(out)]
+  argv = ["--quick", "--config.depth=8", "--config.width=4", "--batch_size", "8",
+          "--data_dir", str(_DATA_DIR), "--pipeline_batches", "5", "--shuffle_buffer", "256",
+          "--imagenet_batch_size", "8", "--imagenet_batches", "3", "--json", str(out)]
   assert bench.main(argv) == 0
   text = capsys.readouterr().out
   assert "| recalibration | params | +params | compile s | peak MB | train img/s |" in text
@@ -85,9 +85,9 @@ def test_quick_bench_on_a_tiny_network(tmp_path, capsys):
 
 
 def test_bad_torch_model_is_one_line(capsys):
-  argv = ["--quick", "--set", "depth=8", "--set", "width=4", "--batch-size", "4",
-          "--recalibrations", "none", "--no-pipeline", "--no-compile-cache", "--json", "",
-          "--torch-python", "python", "--torch-model", "cifar_densenet40"]
+  argv = ["--quick", "--config.depth=8", "--config.width=4", "--batch_size", "4",
+          "--recalibrations", "none", "--nopipeline", "--nocompile_cache", "--json", "",
+          "--torch_python", "python", "--torch_model", "cifar_densenet40"]
   assert bench.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()[-1]
-  assert err.startswith("error: --torch-model must be a cifar_resnetN")
+  assert err.startswith("error: --torch_model must be a cifar_resnetN")

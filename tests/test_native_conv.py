@@ -15,6 +15,7 @@ import pytest
 
 from mssar_jax import backends
 from mssar_jax.backends.cpu import onednn_conv
+from mssar_jax.backends.cpu.batch_norm import BatchNorm
 from mssar_jax.models import Implementation, get_model
 
 _NHWC = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
@@ -91,7 +92,9 @@ def test_other_convolutions_fall_back_to_xla():
     assert "mssar_onednn_conv" not in text and "convolution" in text
 
 
-ONEDNN = Implementation(conv=functools.partial(
+# The same BatchNorm on both sides, so that only the convolutions differ.
+XLA_CONV = Implementation(norm=BatchNorm)
+ONEDNN = Implementation(norm=BatchNorm, conv=functools.partial(
     nn.Conv, conv_general_dilated=onednn_conv.conv_general_dilated))
 
 
@@ -110,7 +113,11 @@ def _train_grads(model, variables, images, labels):
     ("cifar_resnet20", "none", {"depth": 14, "scan_blocks": True}),
     ("cifar_densenet40", "se", {"depth": 10})])
 def test_model_gradients_equal_with_either_convolution(name, recalibration, kwargs):
-  model = get_model(name, num_classes=10, recalibration=recalibration, **kwargs)
+  if jax.__version_info__ < (0, 11) and kwargs.get("scan_blocks"):
+    pytest.xfail("jax 0.10: 1e-3 off inside scanned blocks; the CPU backend does not use "
+                 "the kernels with jax < 0.11 (test_oneDNN_kernels_need_jax_0_11)")
+  model = get_model(name, num_classes=10, recalibration=recalibration, impl=XLA_CONV,
+                    **kwargs)
   with_onednn = get_model(name, num_classes=10, recalibration=recalibration, impl=ONEDNN,
                           **kwargs)
   rng = np.random.default_rng(1)
@@ -123,13 +130,17 @@ def test_model_gradients_equal_with_either_convolution(name, recalibration, kwar
   assert "mssar_onednn_conv" in hlo_dnn
   np.testing.assert_allclose(float(loss_dnn), float(loss_xla), rtol=1e-5)
   assert jax.tree.structure(g_dnn) == jax.tree.structure(g_xla)
-  # Two convolution libraries round differently; BatchNorm's backward (dividing by small
-  # standard deviations) amplifies that in the early layers' gradients (seen: 1.2e-3 of the
-  # leaf's largest value with jax 0.10's XLA, under 1e-4 with 0.12's).
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_xla), jax.tree.leaves(g_dnn)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0,
-                               atol=3e-3 * float(jnp.max(jnp.abs(a))) + 1e-7,
+                               atol=1e-4 * float(jnp.max(jnp.abs(a))) + 1e-7,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_oneDNN_kernels_need_jax_0_11():
+  # With jax 0.10 (Python 3.11) the kernels' gradients inside nn.scan'd blocks were 1e-3 off
+  # XLA's: the CPU implementation leaves them out there.
+  impl = backends.choose("cpu", device_count=1).impl
+  assert (impl.conv is not nn.Conv) == (jax.__version_info__ >= (0, 11))
 
 
 def test_cpu_implementation_keeps_xla_convolutions_with_several_devices():
@@ -137,8 +148,9 @@ def test_cpu_implementation_keeps_xla_convolutions_with_several_devices():
   # rule, so the CPU implementation keeps XLA's convolutions there.
   assert jax.device_count() > 1
   assert backends.choose("cpu").impl.conv is nn.Conv
-  assert backends.choose("cpu", device_count=1).impl.conv.keywords == {
-      "conv_general_dilated": onednn_conv.conv_general_dilated}
+  if jax.__version_info__ >= (0, 11):
+    assert backends.choose("cpu", device_count=1).impl.conv.keywords == {
+        "conv_general_dilated": onednn_conv.conv_general_dilated}
 
 
 def test_direct_call_in_a_fresh_process_registers_the_kernels():

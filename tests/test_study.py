@@ -227,8 +227,7 @@ def test_train_then_report_on_two_tiny_real_runs(tmp_path, monkeypatch):
               "model_kwargs.depth=8", "model_kwargs.width=4"]
   argv = ["train", "--data_dir", data_dir, "--runs", str(tmp_path / "workdirs"),
           "--out", str(out), "--seeds", "0"]
-  for s in settings:
-    argv += ["--set", s]
+  argv += [f"--config.{s}" for s in settings]
   # The two variants side by side (most of a tiny run is its single-threaded start-up).
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     codes = list(pool.map(study.main, [argv + ["--variants", v] for v in ("none", "ms_sar")]))
