@@ -63,6 +63,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 
 from mssar_jax import datasets  # dataset facts only: no jax, TensorFlow or config library
 
@@ -76,13 +77,8 @@ _PREFIX = "@@accelerator "  # protocol lines of the PyTorch worker; anything els
 # ---------------------------------------------------------------------------------------------
 # PyTorch worker (a subprocess; imports torch and timm, never jax).
 
-def _torch_worker(argv) -> int:
-  """``--torch_worker``: builds and warms the timm arms, then times them on request.
-
-  Protocol: lines ``@@accelerator KIND {json}`` on stdout: ``arm`` / ``arm_error`` per model,
-  then ``ready`` (or ``fatal``). Then each stdin line ``train|eval NAME N`` runs N steps and
-  answers ``time {"seconds_per_step": s}``. EOF on stdin ends the worker.
-  """
+def _worker_flags(argv) -> argparse.Namespace:
+  """The ``--torch_worker`` command line."""
   p = argparse.ArgumentParser(prog="accelerator.py --torch_worker")
   p.add_argument("--mode", choices=("eager", "compile"), required=True)
   p.add_argument("--models", required=True)
@@ -94,22 +90,40 @@ def _torch_worker(argv) -> int:
   p.add_argument("--compile_mode", default="default")
   p.add_argument("--timm_kwargs", default="{}")
   p.add_argument("--seed", type=int, default=0)
-  a = p.parse_args(argv)
+  return p.parse_args(argv)
 
-  def emit(kind, **obj):
-    sys.stdout.write(f"{_PREFIX}{kind} {json.dumps(obj)}\n")
-    sys.stdout.flush()
 
-  try:
-    import timm  # pylint: disable=import-outside-toplevel
-    import torch  # pylint: disable=import-outside-toplevel
-    import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
-  except Exception as e:  # pylint: disable=broad-except
-    emit("fatal", error=f"torch/timm do not import ({type(e).__name__}: {e})")
-    return 0
-  if a.device.startswith("cuda") and not torch.cuda.is_available():
-    emit("fatal", error=f"torch {torch.__version__} sees no CUDA device")
-    return 0
+def _emit(kind, **obj):
+  """One protocol line ``@@accelerator KIND {json}`` on stdout."""
+  sys.stdout.write(f"{_PREFIX}{kind} {json.dumps(obj)}\n")
+  sys.stdout.flush()
+
+
+def _normalised_class(torch, device_type: str):
+  """The wrapper of every timm network: uint8 NHWC in, float32 logits out."""
+
+  class Normalised(torch.nn.Module):
+    """uint8 NHWC -> (x - mean) / std in float32, channels-last NCHW; net in bf16 autocast."""
+
+    def __init__(self, net):
+      super().__init__()
+      self.net = net
+      self.register_buffer("mean", torch.tensor(datasets.get("imagenet2012").mean).view(1, 3, 1, 1))
+      self.register_buffer("std", torch.tensor(datasets.get("imagenet2012").std).view(1, 3, 1, 1))
+
+    def forward(self, x):
+      x = x.permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
+      x = (x - self.mean) / self.std
+      with torch.autocast(device_type, dtype=torch.bfloat16):
+        logits = self.net(x)
+      return logits.float()
+
+  return Normalised
+
+
+def _torch_context(torch, F, a) -> types.SimpleNamespace:
+  """The worker's device (cuDNN autotuning and TF32 on a GPU), its synchronisation, the
+  random uint8 batch and labels (seeded) and the input wrapper, shared by all arms."""
   dev = torch.device(a.device)
   on_cuda = dev.type == "cuda"
   if on_cuda:
@@ -124,69 +138,72 @@ def _torch_worker(argv) -> int:
   images = torch.randint(0, 256, (a.batch, a.image_size, a.image_size, 3), dtype=torch.uint8,
                          generator=gen).to(dev)
   labels = torch.randint(0, a.num_classes, (a.batch,), generator=gen).to(dev)
+  return types.SimpleNamespace(torch=torch, F=F, dev=dev, on_cuda=on_cuda, sync=sync,
+                               images=images, labels=labels,
+                               Normalised=_normalised_class(torch, dev.type))
 
-  class Normalised(torch.nn.Module):
-    """uint8 NHWC -> (x - mean) / std in float32, channels-last NCHW; net in bf16 autocast."""
 
-    def __init__(self, net):
-      super().__init__()
-      self.net = net
-      self.register_buffer("mean", torch.tensor(datasets.get("imagenet2012").mean).view(1, 3, 1, 1))
-      self.register_buffer("std", torch.tensor(datasets.get("imagenet2012").std).view(1, 3, 1, 1))
+def _torch_steps(ctx, fn, opt, num_classes: int):
+  """(train step, eval step) of one arm's module ``fn`` (compiled or not) on the batch."""
+  F, images, labels = ctx.F, ctx.images, ctx.labels
 
-    def forward(self, x):
-      x = x.permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
-      x = (x - self.mean) / self.std
-      with torch.autocast(dev.type, dtype=torch.bfloat16):
-        logits = self.net(x)
-      return logits.float()
+  def train_step():
+    loss = F.cross_entropy(fn(images), labels)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
-  arms = {}
-  for name in a.models.split(","):
-    start = time.perf_counter()
-    try:
-      torch.manual_seed(a.seed)
-      module = Normalised(timm.create_model(name, num_classes=a.num_classes,
+  def eval_step():
+    with ctx.torch.inference_mode():
+      logits = fn(images)
+      top5 = logits.topk(min(5, num_classes), dim=-1).indices
+      return ((top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(-1).sum(),
+              F.cross_entropy(logits, labels, reduction="sum"))
+
+  return train_step, eval_step
+
+
+def _build_torch_arm(ctx, timm, a, name: str):
+  """One timm arm built, compiled if asked and warmed up: (module, train step, eval step)."""
+  torch = ctx.torch
+  torch.manual_seed(a.seed)
+  module = ctx.Normalised(timm.create_model(name, num_classes=a.num_classes,
                                             **json.loads(a.timm_kwargs)))
-      module = module.to(dev).to(memory_format=torch.channels_last)
-      sgd = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
-      try:
-        opt = torch.optim.SGD(module.parameters(), fused=on_cuda, **sgd)
-      except (RuntimeError, TypeError, ValueError):
-        opt = torch.optim.SGD(module.parameters(), foreach=on_cuda, **sgd)
-      fn = torch.compile(module, mode=a.compile_mode) if a.mode == "compile" else module
+  module = module.to(ctx.dev).to(memory_format=torch.channels_last)
+  sgd = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+  try:
+    opt = torch.optim.SGD(module.parameters(), fused=ctx.on_cuda, **sgd)
+  except (RuntimeError, TypeError, ValueError):
+    opt = torch.optim.SGD(module.parameters(), foreach=ctx.on_cuda, **sgd)
+  fn = torch.compile(module, mode=a.compile_mode) if a.mode == "compile" else module
+  train_step, eval_step = _torch_steps(ctx, fn, opt, a.num_classes)
+  module.train()
+  for _ in range(max(a.warmup_steps, 1)):
+    train_step()
+  module.eval()
+  for _ in range(max(a.warmup_steps, 1)):
+    eval_step()
+  ctx.sync()
+  return module, train_step, eval_step
 
-      def train_step(fn=fn, opt=opt):
-        loss = F.cross_entropy(fn(images), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-      def eval_step(fn=fn):
-        with torch.inference_mode():
-          logits = fn(images)
-          top5 = logits.topk(min(5, a.num_classes), dim=-1).indices
-          return ((top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(-1).sum(),
-                  F.cross_entropy(logits, labels, reduction="sum"))
+def _add_torch_arm(arms: dict, ctx, timm, a, name: str) -> None:
+  """Builds arm ``name`` into ``arms`` and reports it (``arm``), or reports why not
+  (``arm_error``)."""
+  start = time.perf_counter()
+  try:
+    module, train_step, eval_step = _build_torch_arm(ctx, timm, a, name)
+    arms[name] = (module, train_step, eval_step)
+    _emit("arm", name=name, seconds=time.perf_counter() - start,
+          params=sum(p.numel() for p in module.parameters()))
+  except Exception as e:  # pylint: disable=broad-except
+    _emit("arm_error", name=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+    if ctx.on_cuda:
+      ctx.torch.cuda.empty_cache()
 
-      module.train()
-      for _ in range(max(a.warmup_steps, 1)):
-        train_step()
-      module.eval()
-      for _ in range(max(a.warmup_steps, 1)):
-        eval_step()
-      sync()
-      arms[name] = (module, train_step, eval_step)
-      emit("arm", name=name, seconds=time.perf_counter() - start,
-           params=sum(p.numel() for p in module.parameters()))
-    except Exception as e:  # pylint: disable=broad-except
-      emit("arm_error", name=name, error=f"{type(e).__name__}: {str(e)[:300]}")
-      if on_cuda:
-        torch.cuda.empty_cache()
-  emit("ready", torch=torch.__version__, timm=timm.__version__,
-       device=torch.cuda.get_device_name(dev) if on_cuda else a.device,
-       compile_mode=a.compile_mode if a.mode == "compile" else None)
 
+def _serve_timings(arms: dict, sync) -> None:
+  """Answers each stdin line ``train|eval NAME N`` with the seconds per step of N steps."""
   for line in sys.stdin:
     parts = line.split()
     if not parts:
@@ -200,7 +217,35 @@ def _torch_worker(argv) -> int:
     for _ in range(n):
       step()
     sync()
-    emit("time", seconds_per_step=(time.perf_counter() - start) / n)
+    _emit("time", seconds_per_step=(time.perf_counter() - start) / n)
+
+
+def _torch_worker(argv) -> int:
+  """``--torch_worker``: builds and warms the timm arms, then times them on request.
+
+  Protocol: lines ``@@accelerator KIND {json}`` on stdout: ``arm`` / ``arm_error`` per model,
+  then ``ready`` (or ``fatal``). Then each stdin line ``train|eval NAME N`` runs N steps and
+  answers ``time {"seconds_per_step": s}``. EOF on stdin ends the worker.
+  """
+  a = _worker_flags(argv)
+  try:
+    import timm  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+    import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  except Exception as e:  # pylint: disable=broad-except
+    _emit("fatal", error=f"torch/timm do not import ({type(e).__name__}: {e})")
+    return 0
+  if a.device.startswith("cuda") and not torch.cuda.is_available():
+    _emit("fatal", error=f"torch {torch.__version__} sees no CUDA device")
+    return 0
+  ctx = _torch_context(torch, F, a)
+  arms = {}
+  for name in a.models.split(","):
+    _add_torch_arm(arms, ctx, timm, a, name)
+  _emit("ready", torch=torch.__version__, timm=timm.__version__,
+        device=torch.cuda.get_device_name(ctx.dev) if ctx.on_cuda else a.device,
+        compile_mode=a.compile_mode if a.mode == "compile" else None)
+  _serve_timings(arms, ctx.sync)
   return 0
 
 
@@ -214,7 +259,6 @@ import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import importlib.util  # noqa: E402
 import platform  # noqa: E402
-import types  # noqa: E402
 from typing import Any  # noqa: E402
 
 from absl import app  # noqa: E402
@@ -644,10 +688,24 @@ def main(argv) -> int:
       w.close()
 
 
-def _run(args, deadline, notes, recalibrations, model_kwargs, image_size, workers,
-         torch_models, start_workers) -> int:
-  if jax.process_count() > 1:
-    raise SystemExit("error: one process only (data-parallel over its local devices)")
+@dataclasses.dataclass
+class _Setup:
+  """The JAX side of one run: devices and mesh, dtype, implementation, peak, input batch."""
+  devices: list
+  mesh: Any
+  dtype: Any
+  choice: Any
+  peak: float | None
+  global_batch: int
+  batch: dict
+
+  @property
+  def n_dev(self) -> int:
+    return len(self.devices)
+
+
+def _setup(args, image_size: int) -> _Setup:
+  """Mesh over the local devices, the implementation, the peak and the sharded uint8 batch."""
   devices = jax.local_devices()
   n_dev = len(devices)
   mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
@@ -657,23 +715,34 @@ def _run(args, deadline, notes, recalibrations, model_kwargs, image_size, worker
   global_batch = args.batch_per_device * n_dev
   _log(f"{n_dev} x {devices[0].device_kind} ({jax.default_backend()}), global batch "
        f"{global_batch}, implementation {choice.impl.name} ({choice.reason})")
+  return _Setup(devices=devices, mesh=mesh, dtype=dtype, choice=choice, peak=peak,
+                global_batch=global_batch,
+                batch=_input_batch(args, mesh, global_batch, image_size))
 
+
+def _input_batch(args, mesh, global_batch: int, image_size: int) -> dict:
+  """Random uint8 images, labels and an all-true mask, sharded over the mesh's 'data' axis."""
   rng = np.random.default_rng(args.seed)
   data = jax.sharding.NamedSharding(mesh, P("data"))
-  batch = {
+  return {
       "image": jax.device_put(rng.integers(0, 256, (global_batch, image_size, image_size, 3),
                                            dtype=np.uint8), data),
       "label": jax.device_put(rng.integers(0, args.num_classes, global_batch, dtype=np.int32),
                               data),
       "mask": jax.device_put(np.ones((global_batch,), bool), data)}
 
+
+def _build_jax_arms(args, setup: _Setup, recalibrations, model_kwargs, image_size: int,
+                    notes: list[str]) -> tuple[list[Any], dict[str, float]]:
+  """Compiles and warms one JaxArm per recalibration: (arms, seconds per step after warm-up).
+  An arm that runs out of device memory is skipped with a note; other errors propagate."""
   arms: list[Any] = []
   estimates = {}
   for r in recalibrations:
     try:
       arm = JaxArm(r, model_name=args.model, model_kwargs=model_kwargs,
-                   num_classes=args.num_classes, image_size=image_size, dtype=dtype,
-                   impl=choice.impl, mesh=mesh, batch=batch, seed=args.seed)
+                   num_classes=args.num_classes, image_size=image_size, dtype=setup.dtype,
+                   impl=setup.choice.impl, mesh=setup.mesh, batch=setup.batch, seed=args.seed)
       estimates[arm.name] = arm.warm_up(args.warmup_steps)
     except Exception as e:  # pylint: disable=broad-except
       if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
@@ -686,15 +755,13 @@ def _run(args, deadline, notes, recalibrations, model_kwargs, image_size, worker
     _log(f"{arm.name}: compiled in {arm.compile_seconds:.1f} s, "
          f"{estimates[arm.name] * 1e3:.1f} ms/step after warm-up")
     arms.append(arm)
-  if not arms:
-    print("error: no JAX arm could run: " + "; ".join(notes), file=sys.stderr)
-    return 1
-  if time.monotonic() > deadline:
-    notes.append("time budget already spent compiling the JAX arms")
-  if start_workers is not None:
-    start_workers()
+  return arms, estimates
 
-  # Wait for the torch workers, leaving time for at least two rounds.
+
+def _add_torch_arms(args, deadline: float, workers, torch_models, estimates, arms,
+                    notes: list[str]) -> None:
+  """Waits for the torch workers, leaving time for at least two rounds, and appends the
+  arms of those that are ready to ``arms``; the others' (and failed arms') notes."""
   jax_round = 2 * args.steps * sum(estimates.values())  # train + eval (eval is cheaper)
   per_step = sum(estimates.values()) / max(len(estimates), 1)
   round_estimate = jax_round + 2 * args.steps * per_step * len(torch_models) * 2
@@ -711,7 +778,11 @@ def _run(args, deadline, notes, recalibrations, model_kwargs, image_size, worker
     for name, err in w.errors.items():
       notes.append(f"timm {name} {w.mode}: skipped ({err})")
 
-  # Timed rounds, alternating arms; the order rotates each round.
+
+def _timed_rounds(args, arms, deadline: float, notes: list[str]):
+  """Timed rounds, alternating arms; the order rotates each round. Rounds stop early when
+  the next would pass the deadline. Returns (train seconds per step by arm and round, eval
+  ditto, rounds run)."""
   train_t = {a.name: [] for a in arms}
   eval_t = {a.name: [] for a in arms}
   rounds_run, longest = 0, 0.0
@@ -728,60 +799,72 @@ def _run(args, deadline, notes, recalibrations, model_kwargs, image_size, worker
     longest = max(longest, time.monotonic() - start)
     rounds_run += 1
     _log(f"round {rounds_run}: {time.monotonic() - start:.1f} s")
+  return train_t, eval_t, rounds_run
+
+
+def _note_stopped_workers(workers, notes: list[str]) -> None:
+  """A note for each torch worker that failed during the timed rounds."""
   for w in workers:
     if w.failed and f"timm {w.models} {w.mode}: skipped ({w.failed})" not in notes:
       notes.append(f"timm {w.models} {w.mode}: stopped during timing ({w.failed})")
 
-  # Rows.
-  def base_of(arm):
-    if arm.framework == "jax":
-      return "jax none"
-    return f"timm {torch_models[0]} {arm.worker.mode}"
 
-  jax_flops = {a.recalibration: a.flops for a in arms if a.framework == "jax"}
-  rows = []
-  for arm in arms:
-    tr, ev = train_t[arm.name], eval_t[arm.name]
-    base = train_t.get(base_of(arm))
-    ratios = ([x / b for x, b in zip(tr, base) if x is not None and b]
-              if base is not None else [])
-    t_train, t_eval = _median(tr), _median(ev)
-    per_dev_batch = args.batch_per_device
-    devs = n_dev if arm.framework == "jax" else 1
-    if arm.framework == "jax":
-      flops, flops_from = arm.flops, "XLA cost analysis: " + str(arm.flops_source["train"])
-    else:
-      match = "se" if arm.model.startswith("se") else "none"
-      flops = jax_flops.get(match, {"train": None, "eval": None})
-      flops_from = f"the jax {match} arm (same network)" if flops.get("train") else None
-    row = {
-        "arm": arm.name, "framework": arm.framework,
-        "network": args.model if arm.framework == "jax" else arm.model,
-        "recalibration": getattr(arm, "recalibration", None),
-        "mode": "jit" if arm.framework == "jax" else arm.worker.mode,
-        "devices": devs, "batch": per_dev_batch * devs,
-        "params": arm.params, "compile_seconds": round(arm.compile_seconds, 2),
-        "train_step_ms": t_train * 1e3 if t_train else None,
-        "eval_step_ms": t_eval * 1e3 if t_eval else None,
-        "train_images_per_second": per_dev_batch * devs / t_train if t_train else None,
-        "eval_images_per_second": per_dev_batch * devs / t_eval if t_eval else None,
-        "train_images_per_second_per_device": per_dev_batch / t_train if t_train else None,
-        "ratio_vs_none": _median(ratios) if ratios else None,
-        "ratio_base": base_of(arm) if ratios else None,
-        "flops_per_step_per_device": flops.get("train"),
-        "eval_flops_per_step_per_device": flops.get("eval"),
-        "flops_from": flops_from,
-        "flops_checks": getattr(arm, "flops_checks", None),
-        "mfu": (flops["train"] / t_train / peak) if (peak and t_train and flops.get("train"))
-               else None,
-        "eval_mfu": (flops["eval"] / t_eval / peak) if (peak and t_eval and flops.get("eval"))
-                    else None,
-        "train_seconds_per_step_rounds": tr, "eval_seconds_per_step_rounds": ev,
-    }
-    rows.append(row)
+def _base_of(arm, torch_models) -> str:
+  """The arm whose step time an arm's 'vs none' divides by."""
+  if arm.framework == "jax":
+    return "jax none"
+  return f"timm {torch_models[0]} {arm.worker.mode}"
+
+
+def _arm_flops(arm, jax_flops: dict) -> tuple[dict, str | None]:
+  """(FLOPs per step per device {'train', 'eval'}, where they come from) of an arm; timm
+  arms borrow the matching JAX arm's."""
+  if arm.framework == "jax":
+    return arm.flops, "XLA cost analysis: " + str(arm.flops_source["train"])
+  match = "se" if arm.model.startswith("se") else "none"
+  flops = jax_flops.get(match, {"train": None, "eval": None})
+  return flops, f"the jax {match} arm (same network)" if flops.get("train") else None
+
+
+def _row(arm, args, setup: _Setup, train_t, eval_t, base_name: str, jax_flops) -> dict:
+  """One arm's row of the JSON: medians, img/s, ratio to its base, FLOPs and MFU."""
+  tr, ev = train_t[arm.name], eval_t[arm.name]
+  base = train_t.get(base_name)
+  ratios = ([x / b for x, b in zip(tr, base) if x is not None and b]
+            if base is not None else [])
+  t_train, t_eval = _median(tr), _median(ev)
+  per_dev_batch, peak = args.batch_per_device, setup.peak
+  devs = setup.n_dev if arm.framework == "jax" else 1
+  flops, flops_from = _arm_flops(arm, jax_flops)
+  return {
+      "arm": arm.name, "framework": arm.framework,
+      "network": args.model if arm.framework == "jax" else arm.model,
+      "recalibration": getattr(arm, "recalibration", None),
+      "mode": "jit" if arm.framework == "jax" else arm.worker.mode,
+      "devices": devs, "batch": per_dev_batch * devs,
+      "params": arm.params, "compile_seconds": round(arm.compile_seconds, 2),
+      "train_step_ms": t_train * 1e3 if t_train else None,
+      "eval_step_ms": t_eval * 1e3 if t_eval else None,
+      "train_images_per_second": per_dev_batch * devs / t_train if t_train else None,
+      "eval_images_per_second": per_dev_batch * devs / t_eval if t_eval else None,
+      "train_images_per_second_per_device": per_dev_batch / t_train if t_train else None,
+      "ratio_vs_none": _median(ratios) if ratios else None,
+      "ratio_base": base_name if ratios else None,
+      "flops_per_step_per_device": flops.get("train"),
+      "eval_flops_per_step_per_device": flops.get("eval"),
+      "flops_from": flops_from,
+      "flops_checks": getattr(arm, "flops_checks", None),
+      "mfu": (flops["train"] / t_train / peak) if (peak and t_train and flops.get("train"))
+             else None,
+      "eval_mfu": (flops["eval"] / t_eval / peak) if (peak and t_eval and flops.get("eval"))
+                  else None,
+      "train_seconds_per_step_rounds": tr, "eval_seconds_per_step_rounds": ev,
+  }
+
+
+def _goals(rows: list[dict]) -> dict:
+  """Each goal with its measured figure and whether it is met (None: not measurable)."""
   by_name = {r["arm"]: r for r in rows}
-
-  # Goals.
   ms, none = by_name.get("jax ms_sar"), by_name.get("jax none")
   ratio = ms["ratio_vs_none"] if ms and none else None
   goals = {"ms_sar_over_none": {"ratio": ratio, "max": GOALS["ms_sar_over_none_max"],
@@ -800,26 +883,38 @@ def _run(args, deadline, notes, recalibrations, model_kwargs, image_size, worker
     g["ratio"] = g["ms_sar"] / g["seresnet50_compile"]
     g["met"] = g["ratio"] >= GOALS["ms_sar_over_seresnet50_compile_min"]
   goals["ms_sar_vs_seresnet50_compile"] = g
+  return goals
 
-  # Imports (the target machine has no TensorFlow, TFDS or ml_collections).
+
+def _forbidden_imports(notes: list[str]) -> list[str]:
+  """TensorFlow / TFDS / ml_collections modules imported (the target machine has none of
+  them), with a note when there are any."""
   forbidden = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
   if forbidden:
     notes.append(f"imported {', '.join(sorted({m.split('.')[0] for m in forbidden}))}: "
                  "the model zoo / step must not")
-  torch_info = next((w.info for w in workers if w.info), None)
-  result = {
+  return forbidden
+
+
+def _result(args, setup: _Setup, *, workers, rows, goals, notes, forbidden, rounds_run,
+            recalibrations, model_kwargs, image_size) -> dict:
+  """The JSON: machine, settings, rows, goals, notes, imports, elapsed seconds."""
+  devices = setup.devices
+  return {
       "machine": {
           "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
-          "device_count": n_dev, "jax_version": jax.__version__,
+          "device_count": setup.n_dev, "jax_version": jax.__version__,
           "flax_version": flax.__version__, "optax_version": optax.__version__,
           "python": platform.python_version(), "platform": platform.platform(),
-          "peak_flops_per_device": peak, "torch": torch_info,
+          "peak_flops_per_device": setup.peak,
+          "torch": next((w.info for w in workers if w.info), None),
       },
       "settings": {
           "model": args.model, "tiny": args.tiny, "model_kwargs": model_kwargs,
           "image_size": image_size, "num_classes": args.num_classes, "dtype": args.dtype,
-          "implementation": choice.impl.name, "implementation_reason": choice.reason,
-          "batch_per_device": args.batch_per_device, "global_batch": global_batch,
+          "implementation": setup.choice.impl.name,
+          "implementation_reason": setup.choice.reason,
+          "batch_per_device": args.batch_per_device, "global_batch": setup.global_batch,
           "steps": args.steps, "warmup_steps": args.warmup_steps,
           "rounds_requested": args.rounds, "rounds": rounds_run,
           "recalibrations": recalibrations, "time_budget_seconds": args.time_budget_seconds,
@@ -834,36 +929,73 @@ def _run(args, deadline, notes, recalibrations, model_kwargs, image_size, worker
       "elapsed_seconds": round(time.monotonic() - _T0, 1),
   }
 
-  # Markdown.
-  dev_txt = f"{n_dev} x {devices[0].device_kind}" if n_dev > 1 else devices[0].device_kind
+
+def _markdown(args, setup: _Setup, result: dict, workers) -> str:
+  """The table and the goal lines printed on stdout."""
+  n_dev, kind, peak = setup.n_dev, setup.devices[0].device_kind, setup.peak
+  torch_info, image_size = result["machine"]["torch"], result["settings"]["image_size"]
+  dev_txt = f"{n_dev} x {kind}" if n_dev > 1 else kind
   shape = " (tiny: stage_sizes 1,1,1,1, width 8)" if args.tiny else ""
   out = [f"### {args.model}{shape}, {args.dtype}, {image_size}x{image_size}, batch "
          f"{args.batch_per_device} per device, {dev_txt} ({jax.default_backend()}), "
          f"jax {jax.__version__}"
          + (f", torch {torch_info['torch']} / timm {torch_info['timm']}" if torch_info else ""),
          "",
-         f"{rounds_run} rounds x {args.steps} steps, medians; vs none: step time over the "
-         "same framework's plain network (timm: resnet50 in the same mode); MFU: XLA FLOPs / "
-         "step time / " + (f"{peak / 1e12:g} TFLOP/s peak" if peak else "peak (unknown here)")
+         f"{result['settings']['rounds']} rounds x {args.steps} steps, medians; vs none: step "
+         "time over the same framework's plain network (timm: resnet50 in the same mode); MFU: "
+         "XLA FLOPs / step time / "
+         + (f"{peak / 1e12:g} TFLOP/s peak" if peak else "peak (unknown here)")
          + "; compile s: build + compile (timm: + warm-up steps)",
          "",
          "| arm | train img/s | eval img/s | step ms | vs none | MFU | compile s |",
          "|---|---:|---:|---:|---:|---:|---:|"]
-  for r in rows:
+  for r in result["rows"]:
     out.append(f"| {r['arm']} | {_fmt_rate(r['train_images_per_second'])} | "
                f"{_fmt_rate(r['eval_images_per_second'])} | {_fmt(r['train_step_ms'], '.1f')} | "
                f"{_fmt(r['ratio_vs_none'], '.3f', 'x')} | "
                f"{_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f', '%')} | "
                f"{r['compile_seconds']:.1f} |")
-  out += ["", "Goals (one H200):", *_goal_lines(goals)]
+  out += ["", "Goals (one H200):", *_goal_lines(result["goals"])]
   if n_dev > 1 and workers:
     out.append(f"- timm arms run on one device; JAX img/s are over {n_dev} devices "
                "(the goal compares per device)")
-  out += [f"- note: {n}" for n in notes]
+  out += [f"- note: {n}" for n in result["notes"]]
+  forbidden = result["imports"]["forbidden"]
   out.append(f"- imported TensorFlow / TFDS / ml_collections: "
              f"{', '.join(forbidden) if forbidden else 'none'}; "
              f"elapsed {result['elapsed_seconds']:.0f} s")
-  print("\n".join(out), flush=True)
+  return "\n".join(out)
+
+
+def _run(args, deadline, notes, recalibrations, model_kwargs, image_size, workers,
+         torch_models, start_workers) -> int:
+  """The run once the torch workers are planned: JAX arms, torch arms, timed rounds, rows,
+  goals; the markdown on stdout and the JSON in --json."""
+  if jax.process_count() > 1:
+    raise SystemExit("error: one process only (data-parallel over its local devices)")
+  setup = _setup(args, image_size)
+  arms, estimates = _build_jax_arms(args, setup, recalibrations, model_kwargs, image_size,
+                                    notes)
+  if not arms:
+    print("error: no JAX arm could run: " + "; ".join(notes), file=sys.stderr)
+    return 1
+  if time.monotonic() > deadline:
+    notes.append("time budget already spent compiling the JAX arms")
+  if start_workers is not None:
+    start_workers()
+  _add_torch_arms(args, deadline, workers, torch_models, estimates, arms, notes)
+  train_t, eval_t, rounds_run = _timed_rounds(args, arms, deadline, notes)
+  _note_stopped_workers(workers, notes)
+
+  jax_flops = {a.recalibration: a.flops for a in arms if a.framework == "jax"}
+  rows = [_row(arm, args, setup, train_t, eval_t, _base_of(arm, torch_models), jax_flops)
+          for arm in arms]
+  goals = _goals(rows)
+  forbidden = _forbidden_imports(notes)
+  result = _result(args, setup, workers=workers, rows=rows, goals=goals, notes=notes,
+                   forbidden=forbidden, rounds_run=rounds_run, recalibrations=recalibrations,
+                   model_kwargs=model_kwargs, image_size=image_size)
+  print(_markdown(args, setup, result, workers), flush=True)
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)

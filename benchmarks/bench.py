@@ -489,41 +489,52 @@ def _median_ratio(a, b):
   return statistics.median(x / y for x, y in zip(a, b))
 
 
-def run(args) -> dict[str, Any]:
-  """Builds the arms, alternates timing rounds, returns the JSON-able results."""
-  model_kwargs = dict(args.model_kwargs)
-  recals = [r for r in args.recalibrations.split(",") if r]
+def _recalibrations(text: str) -> list[str]:
+  """The comma list of recalibrations, 'none' first if it is missing (the base of ratios)."""
+  recals = [r for r in text.split(",") if r]
   if "none" not in recals:
     recals.insert(0, "none")
-  torch_depth = None
-  if args.torch_python:
-    m = re.fullmatch(r"cifar_resnet(\d+)", args.torch_model)
-    if not m:
-      raise ConfigError(f"--torch_model must be a cifar_resnetN (got {args.torch_model!r}).")
-    torch_depth = int(m.group(1))
-  resolved = resolve_implementation(args.implementation)
+  return recals
+
+
+def _torch_depth(args) -> int | None:
+  """The depth of --torch_model (a cifar_resnetN) when there is a PyTorch reference."""
+  if not args.torch_python:
+    return None
+  m = re.fullmatch(r"cifar_resnet(\d+)", args.torch_model)
+  if not m:
+    raise ConfigError(f"--torch_model must be a cifar_resnetN (got {args.torch_model!r}).")
+  return int(m.group(1))
+
+
+def _build_arms(args, recals: list[str], resolved: dict[str, Any], model_kwargs,
+                torch_depth: int | None) -> tuple[dict[str, Any], TorchArm | None]:
+  """The JAX arms (one per recalibration) and, with --torch_python, the PyTorch reference
+  and the JAX arms it is compared with: ({key: arm}, the PyTorch arm or None)."""
   choice = resolved["choice"]
-  conv_impl = "onednn" if resolved["onednn"] else "xla"
-  print(f"bench: implementation: {choice.impl.name} ({choice.reason})", file=sys.stderr,
-        flush=True)
   arms: dict[str, Any] = {}
   for r in recals:
     arms[r] = Arm(args.model, r, args.batch_size, choice.impl, **model_kwargs)
     print(f"bench: compiled {args.model} + {r} in {arms[r].compile_seconds:.1f} s",
           file=sys.stderr, flush=True)
-  torch_arm = None
+  if not args.torch_python:
+    return arms, None
   torch_model = args.torch_model
-  if args.torch_python:
-    if torch_model != args.model or model_kwargs:
-      arms["jax_" + torch_model] = Arm(torch_model, "none", args.batch_size, choice.impl)
-    if resolved["onednn"]:  # also time XLA's own convolutions against PyTorch
-      xla_conv = cpu.implementation(onednn=False, kernels=resolved["kernels"])
-      arms["jax_" + torch_model + "_xla_conv"] = Arm(torch_model, "none", args.batch_size,
-                                                     xla_conv)
-    torch_arm = TorchArm(args.torch_python, torch_depth, args.batch_size, args.torch_threads)
-    arms["torch_" + torch_model] = torch_arm
-    print(f"bench: PyTorch reference ready ({torch_arm.info})", file=sys.stderr, flush=True)
+  if torch_model != args.model or model_kwargs:
+    arms["jax_" + torch_model] = Arm(torch_model, "none", args.batch_size, choice.impl)
+  if resolved["onednn"]:  # also time XLA's own convolutions against PyTorch
+    xla_conv = cpu.implementation(onednn=False, kernels=resolved["kernels"])
+    arms["jax_" + torch_model + "_xla_conv"] = Arm(torch_model, "none", args.batch_size,
+                                                   xla_conv)
+  torch_arm = TorchArm(args.torch_python, torch_depth, args.batch_size, args.torch_threads)
+  arms["torch_" + torch_model] = torch_arm
+  print(f"bench: PyTorch reference ready ({torch_arm.info})", file=sys.stderr, flush=True)
+  return arms, torch_arm
 
+
+def _time_rounds(args, arms: dict[str, Any]) -> types.SimpleNamespace:
+  """One untimed round, then --rounds timed rounds of every arm in turn: per arm and round,
+  train wall and CPU seconds per step and (with --eval) eval wall seconds per step."""
   wall = {k: [] for k in arms}
   cpu_time = {k: [] for k in arms}
   eval_wall = {k: [] for k in arms}
@@ -543,10 +554,12 @@ def run(args) -> dict[str, Any]:
       cpu_time[k].append(c)
       if args.eval:
         eval_wall[k].append(arms[k].eval_steps(args.steps)[0])
-  if torch_arm is not None:
-    torch_arm.close()
+  return types.SimpleNamespace(wall=wall, cpu=cpu_time, eval_wall=eval_wall)
 
-  bs = args.batch_size
+
+def _train_rows(args, recals: list[str], arms: dict[str, Any], t) -> dict[str, Any]:
+  """Per recalibration: parameters, compile time, peak memory, medians and ratios to none."""
+  bs, wall, cpu_time, eval_wall = args.batch_size, t.wall, t.cpu, t.eval_wall
   rows = {}
   base = arms["none"]
   for r in recals:
@@ -563,84 +576,132 @@ def run(args) -> dict[str, Any]:
       row.update({"eval_images_per_second": bs / statistics.median(eval_wall[r]),
                   "eval_ratio_vs_none": _median_ratio(eval_wall[r], eval_wall["none"])})
     rows[r] = row
-  result: dict[str, Any] = {
-      "machine": machine_info(),
-      "settings": {"model": args.model,
-                   "model_kwargs": {k: repr(v) for k, v in model_kwargs.items()},
-                   "batch_size": bs, "rounds": args.rounds, "steps_per_round": args.steps,
-                   "devices": 1, "dtype": "float32", "compile_batch_size": args.compile_batch_size,
-                   "implementation": args.implementation,
-                   "implementation_name": choice.impl.name,
-                   "implementation_reason": choice.reason, "conv_impl": conv_impl,
-                   "gate_kernels": resolved["kernels"],
-                   "onednn_unavailable": onednn_conv.LIBRARY.unavailable_reason,
-                   "gate_kernels_unavailable": gate_kernels.LIBRARY.unavailable_reason,
-                   "persistent_compilation_cache": "off for the timed compilations",
-                   "torch_threads": args.torch_threads if args.torch_python else None},
-      "train": rows}
-  if torch_arm is not None:
-    jk = "jax_" + torch_model if "jax_" + torch_model in arms else "none"
-    tk = "torch_" + torch_model
-    result["torch"] = {
-        "model": torch_model, "reference": torch_arm.info,
-        "jax_images_per_second": bs / statistics.median(wall[jk]),
-        "torch_images_per_second": bs / statistics.median(wall[tk]),
-        "jax_speed_over_torch": _median_ratio(wall[tk], wall[jk]),
-        "jax_best_round_ms": 1e3 * min(wall[jk]), "torch_best_round_ms": 1e3 * min(wall[tk]),
-        "jax_wall_seconds_per_round": wall[jk], "torch_wall_seconds_per_round": wall[tk]}
-    xk = "jax_" + torch_model + "_xla_conv"
-    if xk in arms:
-      result["torch"].update({
-          "jax_xla_conv_images_per_second": bs / statistics.median(wall[xk]),
-          "jax_xla_conv_speed_over_torch": _median_ratio(wall[tk], wall[xk]),
-          "onednn_conv_speed_over_xla_conv": _median_ratio(wall[xk], wall[jk]),
-          "jax_xla_conv_wall_seconds_per_round": wall[xk]})
-    if args.eval:
-      result["torch"].update({
-          "jax_eval_images_per_second": bs / statistics.median(eval_wall[jk]),
-          "torch_eval_images_per_second": bs / statistics.median(eval_wall[tk]),
-          "jax_eval_speed_over_torch": _median_ratio(eval_wall[tk], eval_wall[jk])})
-  if args.pipeline:
-    fastest = max(r["train_images_per_second"] for r in rows.values())
+  return rows
+
+
+def _run_settings(args, model_kwargs, resolved: dict[str, Any]) -> dict[str, Any]:
+  """The JSON's settings: what was run, and how the layers were computed."""
+  choice = resolved["choice"]
+  return {"model": args.model,
+          "model_kwargs": {k: repr(v) for k, v in model_kwargs.items()},
+          "batch_size": args.batch_size, "rounds": args.rounds, "steps_per_round": args.steps,
+          "devices": 1, "dtype": "float32", "compile_batch_size": args.compile_batch_size,
+          "implementation": args.implementation,
+          "implementation_name": choice.impl.name,
+          "implementation_reason": choice.reason,
+          "conv_impl": "onednn" if resolved["onednn"] else "xla",
+          "gate_kernels": resolved["kernels"],
+          "onednn_unavailable": onednn_conv.LIBRARY.unavailable_reason,
+          "gate_kernels_unavailable": gate_kernels.LIBRARY.unavailable_reason,
+          "persistent_compilation_cache": "off for the timed compilations",
+          "torch_threads": args.torch_threads if args.torch_python else None}
+
+
+def _torch_comparison(args, arms: dict[str, Any], torch_arm: TorchArm, t) -> dict[str, Any]:
+  """JAX against the PyTorch reference on the same network: img/s and median ratios."""
+  bs, wall, eval_wall, torch_model = args.batch_size, t.wall, t.eval_wall, args.torch_model
+  jk = "jax_" + torch_model if "jax_" + torch_model in arms else "none"
+  tk = "torch_" + torch_model
+  out = {
+      "model": torch_model, "reference": torch_arm.info,
+      "jax_images_per_second": bs / statistics.median(wall[jk]),
+      "torch_images_per_second": bs / statistics.median(wall[tk]),
+      "jax_speed_over_torch": _median_ratio(wall[tk], wall[jk]),
+      "jax_best_round_ms": 1e3 * min(wall[jk]), "torch_best_round_ms": 1e3 * min(wall[tk]),
+      "jax_wall_seconds_per_round": wall[jk], "torch_wall_seconds_per_round": wall[tk]}
+  xk = "jax_" + torch_model + "_xla_conv"
+  if xk in arms:
+    out.update({
+        "jax_xla_conv_images_per_second": bs / statistics.median(wall[xk]),
+        "jax_xla_conv_speed_over_torch": _median_ratio(wall[tk], wall[xk]),
+        "onednn_conv_speed_over_xla_conv": _median_ratio(wall[xk], wall[jk]),
+        "jax_xla_conv_wall_seconds_per_round": wall[xk]})
+  if args.eval:
+    out.update({
+        "jax_eval_images_per_second": bs / statistics.median(eval_wall[jk]),
+        "torch_eval_images_per_second": bs / statistics.median(eval_wall[tk]),
+        "jax_eval_speed_over_torch": _median_ratio(eval_wall[tk], eval_wall[jk])})
+  return out
+
+
+def _add_pipelines(args, result: dict[str, Any]) -> None:
+  """result['pipeline'] (CIFAR-10, against the fastest train step) and, unless
+  --imagenet_batches 0, result['imagenet_pipeline']; each {'skipped': why} without data."""
+  fastest = max(r["train_images_per_second"] for r in result["train"].values())
+  try:
+    p = pipeline_rate(args.data_dir, args.batch_size, args.pipeline_batches,
+                      args.shuffle_buffer)
+    p["over_fastest_train_step"] = p["images_per_second"] / fastest
+    result["pipeline"] = p
+  except ConfigError as e:
+    result["pipeline"] = {"skipped": str(e)}
+  if args.imagenet_batches > 0:
     try:
-      p = pipeline_rate(args.data_dir, bs, args.pipeline_batches, args.shuffle_buffer)
-      p["over_fastest_train_step"] = p["images_per_second"] / fastest
-      result["pipeline"] = p
+      result["imagenet_pipeline"] = imagenet_pipeline_rate(
+          args.data_dir, args.imagenet_batch_size, args.imagenet_batches)
     except ConfigError as e:
-      result["pipeline"] = {"skipped": str(e)}
-    if args.imagenet_batches > 0:
-      try:
-        result["imagenet_pipeline"] = imagenet_pipeline_rate(
-            args.data_dir, args.imagenet_batch_size, args.imagenet_batches)
-      except ConfigError as e:
-        result["imagenet_pipeline"] = {"skipped": str(e)}
-    for key in ("pipeline", "imagenet_pipeline"):
-      p = result.get(key, {})
-      if "images_per_second" in p:
-        print(f"bench: {p['dataset']} train stream: {p['images_per_second']:.0f} img/s "
-              f"({p['images_per_second_per_core']:.0f} per core)", file=sys.stderr, flush=True)
+      result["imagenet_pipeline"] = {"skipped": str(e)}
+  for key in ("pipeline", "imagenet_pipeline"):
+    p = result.get(key, {})
+    if "images_per_second" in p:
+      print(f"bench: {p['dataset']} train stream: {p['images_per_second']:.0f} img/s "
+            f"({p['images_per_second_per_core']:.0f} per core)", file=sys.stderr, flush=True)
+
+
+def _add_compile_times(args, result: dict[str, Any], impl: Implementation) -> None:
+  """result['compile'] and ['compile_cpu']: trace + compile seconds of --compile_models."""
+  result["compile"] = {}
+  for spec in args.compile_models:
+    name, _, recal = spec.partition(":")
+    seconds, cpu_seconds = compile_seconds(name, recal or "none", args.compile_batch_size,
+                                           impl)
+    result["compile"][spec] = seconds
+    result.setdefault("compile_cpu", {})[spec] = cpu_seconds
+    print(f"bench: compile {spec} (batch {args.compile_batch_size}): {seconds:.1f} s "
+          f"({cpu_seconds:.1f} s CPU)", file=sys.stderr, flush=True)
+
+
+def _add_compile_cache(args, result: dict[str, Any], model_kwargs) -> None:
+  """result['compile_cache']: --compile_cache_model with an empty, then a reused cache."""
+  spec = args.compile_cache_model
+  # --config belongs to --model: it shapes the probe only when the probe builds that model.
+  kwargs = model_kwargs if spec.partition(":")[0] == args.model else {}
+  try:
+    c = compile_cache_rate(args, spec, args.compile_batch_size, kwargs)
+    result["compile_cache"] = c
+    print(f"bench: persistent compilation cache, {spec}: {c['first']['seconds']:.1f} s "
+          f"empty, {c['second']['seconds']:.1f} s reused ({c['speedup']:.1f}x)",
+          file=sys.stderr, flush=True)
+  except (ConfigError, subprocess.TimeoutExpired) as e:
+    result["compile_cache"] = {"model": spec, "skipped": str(e)}
+
+
+def run(args) -> dict[str, Any]:
+  """Builds the arms, alternates timing rounds, returns the JSON-able results."""
+  model_kwargs = dict(args.model_kwargs)
+  recals = _recalibrations(args.recalibrations)
+  torch_depth = _torch_depth(args)
+  resolved = resolve_implementation(args.implementation)
+  choice = resolved["choice"]
+  print(f"bench: implementation: {choice.impl.name} ({choice.reason})", file=sys.stderr,
+        flush=True)
+  arms, torch_arm = _build_arms(args, recals, resolved, model_kwargs, torch_depth)
+  times = _time_rounds(args, arms)
+  if torch_arm is not None:
+    torch_arm.close()
+
+  rows = _train_rows(args, recals, arms, times)
+  result: dict[str, Any] = {"machine": machine_info(),
+                            "settings": _run_settings(args, model_kwargs, resolved),
+                            "train": rows}
+  if torch_arm is not None:
+    result["torch"] = _torch_comparison(args, arms, torch_arm, times)
+  if args.pipeline:
+    _add_pipelines(args, result)
   if args.compile:
-    result["compile"] = {}
-    for spec in args.compile_models:
-      name, _, recal = spec.partition(":")
-      seconds, cpu_seconds = compile_seconds(name, recal or "none", args.compile_batch_size,
-                                             choice.impl)
-      result["compile"][spec] = seconds
-      result.setdefault("compile_cpu", {})[spec] = cpu_seconds
-      print(f"bench: compile {spec} (batch {args.compile_batch_size}): {seconds:.1f} s "
-            f"({cpu_seconds:.1f} s CPU)", file=sys.stderr, flush=True)
+    _add_compile_times(args, result, choice.impl)
   if args.compile_cache:
-    spec = args.compile_cache_model
-    # --config belongs to --model: it shapes the probe only when the probe builds that model.
-    kwargs = model_kwargs if spec.partition(":")[0] == args.model else {}
-    try:
-      c = compile_cache_rate(args, spec, args.compile_batch_size, kwargs)
-      result["compile_cache"] = c
-      print(f"bench: persistent compilation cache, {spec}: {c['first']['seconds']:.1f} s "
-            f"empty, {c['second']['seconds']:.1f} s reused ({c['speedup']:.1f}x)",
-            file=sys.stderr, flush=True)
-    except (ConfigError, subprocess.TimeoutExpired) as e:
-      result["compile_cache"] = {"model": spec, "skipped": str(e)}
+    _add_compile_cache(args, result, model_kwargs)
   result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   result["goals"] = goals(result)
   return result
@@ -704,7 +765,8 @@ def _pipeline_row(label: str, p: dict[str, Any]) -> str:
           f"{'-' if over is None else f'{over:.1f}x'} | {p['first_batch_seconds']:.1f} |")
 
 
-def to_markdown(result) -> str:
+def _train_table(result) -> list[str]:
+  """The heading line and the per-recalibration table."""
   s = result["settings"]
   rows = result["train"]
   has_eval = any("eval_images_per_second" in r for r in rows.values())
@@ -723,20 +785,32 @@ def to_markdown(result) -> str:
     if has_eval:
       line += f" {v['eval_images_per_second']:.1f} | {v['eval_ratio_vs_none']:.3f} |"
     lines.append(line)
-  t = result.get("torch")
-  if t:
-    lines += ["", f"PyTorch {t['reference'].get('torch')} eager ({t['reference'].get('threads')} "
-              f"threads) vs JAX ({s.get('conv_impl', 'xla')} convolutions), {t['model']} train "
-              f"step, batch {s['batch_size']}, alternating:",
-              "", "| | JAX img/s | PyTorch img/s | JAX speed / PyTorch |", "|---|---:|---:|---:|",
-              f"| train | {t['jax_images_per_second']:.1f} | {t['torch_images_per_second']:.1f} | "
-              f"{t['jax_speed_over_torch']:.2f}x |"]
-    if "jax_xla_conv_images_per_second" in t:
-      lines.append(f"| train, XLA's convolutions | {t['jax_xla_conv_images_per_second']:.1f} | "
-                   f"{t['torch_images_per_second']:.1f} | {t['jax_xla_conv_speed_over_torch']:.2f}x |")
-    if "jax_eval_images_per_second" in t:
-      lines.append(f"| eval | {t['jax_eval_images_per_second']:.1f} | "
-                   f"{t['torch_eval_images_per_second']:.1f} | {t['jax_eval_speed_over_torch']:.2f}x |")
+  return lines
+
+
+def _torch_table(result) -> list[str]:
+  """JAX against the PyTorch reference (nothing without one)."""
+  s, t = result["settings"], result.get("torch")
+  if not t:
+    return []
+  lines = ["", f"PyTorch {t['reference'].get('torch')} eager ({t['reference'].get('threads')} "
+           f"threads) vs JAX ({s.get('conv_impl', 'xla')} convolutions), {t['model']} train "
+           f"step, batch {s['batch_size']}, alternating:",
+           "", "| | JAX img/s | PyTorch img/s | JAX speed / PyTorch |", "|---|---:|---:|---:|",
+           f"| train | {t['jax_images_per_second']:.1f} | {t['torch_images_per_second']:.1f} | "
+           f"{t['jax_speed_over_torch']:.2f}x |"]
+  if "jax_xla_conv_images_per_second" in t:
+    lines.append(f"| train, XLA's convolutions | {t['jax_xla_conv_images_per_second']:.1f} | "
+                 f"{t['torch_images_per_second']:.1f} | {t['jax_xla_conv_speed_over_torch']:.2f}x |")
+  if "jax_eval_images_per_second" in t:
+    lines.append(f"| eval | {t['jax_eval_images_per_second']:.1f} | "
+                 f"{t['torch_eval_images_per_second']:.1f} | {t['jax_eval_speed_over_torch']:.2f}x |")
+  return lines
+
+
+def _pipeline_lines(result) -> list[str]:
+  """The input pipelines' table (those measured), then a line per skipped one."""
+  lines = []
   pipelines = [(k, result[k]) for k in ("pipeline", "imagenet_pipeline") if k in result]
   measured = [(k, p) for k, p in pipelines if "skipped" not in p]
   if measured:
@@ -751,40 +825,71 @@ def to_markdown(result) -> str:
     if "skipped" in p:
       lines += ["", f"input pipeline {'imagenet2012' if k.startswith('imagenet') else 'cifar10'}"
                 f": skipped ({p['skipped']})"]
+  return lines
+
+
+def _compile_lines(result) -> list[str]:
+  """--compile's trace + compile times (nothing without --compile)."""
   c = result.get("compile")
-  if c:
-    cc = result.get("compile_cpu", {})
-    lines += [""] + [f"compile {k} (train step, batch {result['settings'].get('compile_batch_size')}): "
-                     f"{v:.1f} s wall, {cc.get(k, float('nan')):.1f} s CPU" for k, v in c.items()]
+  if not c:
+    return []
+  cc = result.get("compile_cpu", {})
+  return [""] + [f"compile {k} (train step, batch {result['settings'].get('compile_batch_size')}): "
+                 f"{v:.1f} s wall, {cc.get(k, float('nan')):.1f} s CPU" for k, v in c.items()]
+
+
+def _compile_cache_lines(result) -> list[str]:
+  """The persistent compilation cache: the two processes' times, or why it was skipped."""
   cache = result.get("compile_cache")
-  if cache:
-    if "skipped" in cache:
-      lines += ["", f"persistent compilation cache ({cache['model']}): skipped "
-                f"({cache['skipped']})"]
-    else:
-      extra = "".join(f", {k}={v}" for k, v in cache["model_kwargs"].items())
-      lines += ["", f"JAX persistent compilation cache, {cache['model']}{extra} train step, batch "
-                f"{cache['batch_size']}, each in a fresh process:", "",
-                "| compilation cache | trace s | compile s | total s | CPU s | cache hits |",
-                "|---|---:|---:|---:|---:|---:|"]
-      for which, label in (("first", "empty (first process)"),
-                           ("second", "reused (second process)")):
-        v = cache[which]
-        lines.append(f"| {label} | {v['trace_seconds']:.1f} | {v['compile_seconds']:.2f} | "
-                     f"{v['seconds']:.1f} | {v['cpu_seconds']:.1f} | {v['cache_hits']} |")
-      lines.append(f"| first / second | | {cache['compile_speedup']:.1f}x | "
-                   f"{cache['speedup']:.2f}x | | |")
-  lines += ["", f"process max RSS: {result['max_rss_mb']:.0f} MB; machine: "
-            f"{result['machine']['cpu']}, {result['machine']['cpu_count']} CPUs, load "
-            f"{_fmt_load(result['machine']['load_average'])}, jax {result['machine']['jax']}, "
-            f"glibc malloc tuned {'yes' if result['machine'].get('malloc_tuned') else 'no'}"]
+  if not cache:
+    return []
+  if "skipped" in cache:
+    return ["", f"persistent compilation cache ({cache['model']}): skipped "
+            f"({cache['skipped']})"]
+  extra = "".join(f", {k}={v}" for k, v in cache["model_kwargs"].items())
+  lines = ["", f"JAX persistent compilation cache, {cache['model']}{extra} train step, batch "
+           f"{cache['batch_size']}, each in a fresh process:", "",
+           "| compilation cache | trace s | compile s | total s | CPU s | cache hits |",
+           "|---|---:|---:|---:|---:|---:|"]
+  for which, label in (("first", "empty (first process)"),
+                       ("second", "reused (second process)")):
+    v = cache[which]
+    lines.append(f"| {label} | {v['trace_seconds']:.1f} | {v['compile_seconds']:.2f} | "
+                 f"{v['seconds']:.1f} | {v['cpu_seconds']:.1f} | {v['cache_hits']} |")
+  lines.append(f"| first / second | | {cache['compile_speedup']:.1f}x | "
+               f"{cache['speedup']:.2f}x | | |")
+  return lines
+
+
+def _machine_lines(result) -> list[str]:
+  return ["", f"process max RSS: {result['max_rss_mb']:.0f} MB; machine: "
+          f"{result['machine']['cpu']}, {result['machine']['cpu_count']} CPUs, load "
+          f"{_fmt_load(result['machine']['load_average'])}, jax {result['machine']['jax']}, "
+          f"glibc malloc tuned {'yes' if result['machine'].get('malloc_tuned') else 'no'}"]
+
+
+def _goal_table(result) -> list[str]:
   g = result.get("goals")
-  if g:
-    lines += ["", "| goal | target | measured | met |", "|---|---|---:|---|"]
-    for k, v in g.items():
-      m = v["measured"]
-      shown = f"{100 * m:+.2f}%" if k.endswith("overhead") else f"{m:.3f}"
-      lines.append(f"| {k} | {v['goal']} | {shown} | {'yes' if v['met'] else 'no'} |")
+  if not g:
+    return []
+  lines = ["", "| goal | target | measured | met |", "|---|---|---:|---|"]
+  for k, v in g.items():
+    m = v["measured"]
+    shown = f"{100 * m:+.2f}%" if k.endswith("overhead") else f"{m:.3f}"
+    lines.append(f"| {k} | {v['goal']} | {shown} | {'yes' if v['met'] else 'no'} |")
+  return lines
+
+
+def to_markdown(result) -> str:
+  """The results as markdown: train table, PyTorch comparison, input pipelines, compile
+  times, compilation cache, machine, goals (each section only when measured)."""
+  lines = _train_table(result)
+  lines += _torch_table(result)
+  lines += _pipeline_lines(result)
+  lines += _compile_lines(result)
+  lines += _compile_cache_lines(result)
+  lines += _machine_lines(result)
+  lines += _goal_table(result)
   return "\n".join(lines)
 
 
@@ -806,6 +911,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
   """The benchmark's flags, in ``flag_values``. ``sys_argv``: the command line that
   ``--config.<argument>`` overrides are read from (default: sys.argv)."""
   fv = {"flag_values": flag_values}
+  _define_model_flags(fv, sys_argv)
+  _define_timing_flags(fv)
+  _define_pipeline_flags(fv)
+  _define_compile_flags(fv)
+  _define_torch_flags(fv)
+  _define_output_flags(fv)
+
+
+def _define_model_flags(fv: dict[str, Any], sys_argv: Sequence[str] | None) -> None:
+  """The network, batch, recalibrations, --config arguments and implementation."""
   flags.DEFINE_enum("model", "cifar_resnet56", list_models(), "Network of the JAX arms.", **fv)
   flags.DEFINE_integer("batch_size", 128, "Train (and eval) batch.", **fv)
   flags.DEFINE_string("recalibrations", "none,se,ms_sar",
@@ -822,9 +937,17 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
                     "device): auto (cpu on a CPU), xla (plain flax layers, XLA's convolutions) "
                     "or cpu (oneDNN FFI convolutions and gate kernels where built, two-pass "
                     "BatchNorm, folded recalibration).", **fv)
+
+
+def _define_timing_flags(fv: dict[str, Any]) -> None:
+  """Rounds and steps of the timed train (and eval) steps."""
   flags.DEFINE_integer("rounds", 7, "Timed rounds (medians over them).", **fv)
   flags.DEFINE_integer("steps", 2, "Train (and eval) steps per arm per round.", **fv)
   flags.DEFINE_boolean("eval", True, "Also time the eval step (--noeval: not).", **fv)
+
+
+def _define_pipeline_flags(fv: dict[str, Any]) -> None:
+  """The CIFAR-10 and ImageNet input pipelines."""
   flags.DEFINE_boolean("pipeline", True, "Time both input pipelines (--nopipeline: skip them).",
                        **fv)
   flags.DEFINE_string("data_dir", os.environ.get("MSSAR_TFDS_DATA_DIR")
@@ -838,6 +961,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
                        "stays within the first epoch of the 1,000-image sample at batch 32.",
                        **fv)
   flags.DEFINE_integer("imagenet_batch_size", 32, "Batch of the ImageNet train stream.", **fv)
+
+
+def _define_compile_flags(fv: dict[str, Any]) -> None:
+  """Compile times and JAX's persistent compilation cache."""
   flags.DEFINE_boolean("compile", False, "Also time the compilation of --compile_models "
                        "(slow).", **fv)
   flags.DEFINE_list("compile_models", list(DEFAULT_COMPILE),
@@ -852,12 +979,20 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
                       "--model:ms_sar).", **fv)
   flags.DEFINE_string("compile_cache_probe", "", "Internal: the cache directory of one "
                       "compilation-cache subprocess.", **fv)
+
+
+def _define_torch_flags(fv: dict[str, Any]) -> None:
+  """The PyTorch reference."""
   flags.DEFINE_string("torch_python", "", "Python of a venv with torch: adds the PyTorch "
                       "reference ('': none).", **fv)
   flags.DEFINE_string("torch_model", "cifar_resnet20", "The PyTorch reference's network (a "
                       "cifar_resnetN).", **fv)
   flags.DEFINE_integer("torch_threads", os.cpu_count() or 1, "Threads of the PyTorch "
                        "reference.", **fv)
+
+
+def _define_output_flags(fv: dict[str, Any]) -> None:
+  """XLA flags, the JSON and --quick."""
   flags.DEFINE_string("xla_flags", cpu_process.FAST_CPU_FLAGS,
                       "XLA flags added to $XLA_FLAGS before JAX starts ('': none).", **fv)
   flags.DEFINE_string("json", "bench.json", "Where to write the JSON ('': not).", **fv)

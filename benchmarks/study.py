@@ -520,57 +520,60 @@ def _shown(path: str) -> str:
   return os.path.relpath(path, ROOT) if inside else path
 
 
-def render_markdown(runs: list[Run], analysis: dict, problems: list[str], *,
-                    command: str) -> str:
-  variants, pv = analysis["variants"], analysis["per_variant"]
-  lines = ["# Study: cifar_resnet20 with none / se / ms_sar on CIFAR-10", ""]
-  if not runs:
-    return "\n".join(lines + ["No recorded runs yet.", "", f"Regenerate: `{command}`", ""])
-  config = runs[0].config
-  summaries = [r.summary for r in runs]
-  finished_at = sorted(str(s.get("finished", "")) for s in summaries)
-  machines = {}
+def _grouped(groups: dict[str, list[str]]) -> str:
+  """The one key, or each key with the runs that have it."""
+  if len(groups) == 1:
+    return next(iter(groups))
+  return "; ".join(f"{k} ({', '.join(v)})" for k, v in groups.items())
+
+
+def _by_seed(runs: list[Run], variant: str) -> list[Run]:
+  return sorted((r for r in runs if r.variant == variant), key=lambda r: r.seed)
+
+
+def _header_lines(runs: list[Run]) -> list[str]:
+  """What was run, when, where and from which commit; config differences between runs."""
+  finished_at = sorted(str(r.summary.get("finished", "")) for r in runs)
+  machines, commits = {}, {}
   for r in runs:
     s = r.summary
     avx = ", AVX-512" if s.get("avx512") else ""
     machines.setdefault(f"{s.get('cpu', '?')} ({s.get('cores', '?')} cores{avx}), "
                         f"Python {s.get('python', '?')}", []).append(r.name)
-  commits = {}
   for r in runs:
     commits.setdefault(str(r.summary.get("commit", "?")), []).append(r.name)
-
-  def grouped(groups):
-    if len(groups) == 1:
-      return next(iter(groups))
-    return "; ".join(f"{k} ({', '.join(v)})" for k, v in groups.items())
-
-  lines += [
+  lines = [
       f"{len(runs)} recorded run(s) of `configs/cifar.py:cifar10,cifar_resnet20,<variant>`: "
-      f"{_schedule(config)}.",
+      f"{_schedule(runs[0].config)}.",
       "",
       f"- Report written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
       f"from the records in `{_shown(os.path.dirname(runs[0].path))}/`; runs finished "
       f"{finished_at[0][:10]}"
       + (f" to {finished_at[-1][:10]}." if finished_at[-1][:10] != finished_at[0][:10] else "."),
-      f"- Machine: {grouped(machines)}; one run after the other.",
-      f"- Code: commit {grouped(commits)}.",
+      f"- Machine: {_grouped(machines)}; one run after the other.",
+      f"- Code: commit {_grouped(commits)}.",
   ]
   differences = _config_differences(runs)
   if differences:
     lines.append("- Config differences between runs (seed and variant aside): "
                  + " | ".join(differences) + ".")
-  lines += ["", "## Per variant", "",
-            "Test accuracy on the whole test split; ± sample standard deviation over seeds in "
-            "percentage points (n/a for one seed). Last-3: mean of the last three evaluations "
-            "of a run. Time to accuracy: mean over the seeds that reached it, of the first "
-            "evaluation at or above the threshold; time is training time (perf.jsonl's "
-            "train_seconds: compilation, evaluations and checkpoint saves excluded).",
-            "",
-            "| variant | seeds | final test accuracy | last-3 evals | best (mean) | "
-            + " | ".join(f"to {100 * t:g}%" for t in THRESHOLDS) + " |",
-            "|---|---|---:|---:|---:|" + "---:|" * len(THRESHOLDS)]
-  for v in variants:
-    p = pv[v]
+  return lines
+
+
+def _per_variant_lines(runs: list[Run], analysis: dict) -> list[str]:
+  """Per variant: final, last-3 and best accuracy over seeds, time to each threshold."""
+  lines = ["", "## Per variant", "",
+           "Test accuracy on the whole test split; ± sample standard deviation over seeds in "
+           "percentage points (n/a for one seed). Last-3: mean of the last three evaluations "
+           "of a run. Time to accuracy: mean over the seeds that reached it, of the first "
+           "evaluation at or above the threshold; time is training time (perf.jsonl's "
+           "train_seconds: compilation, evaluations and checkpoint saves excluded).",
+           "",
+           "| variant | seeds | final test accuracy | last-3 evals | best (mean) | "
+           + " | ".join(f"to {100 * t:g}%" for t in THRESHOLDS) + " |",
+           "|---|---|---:|---:|---:|" + "---:|" * len(THRESHOLDS)]
+  for v in analysis["variants"]:
+    p = analysis["per_variant"][v]
     cells = []
     for t in THRESHOLDS:
       reach = p["reach"][t]
@@ -584,18 +587,23 @@ def render_markdown(runs: list[Run], analysis: dict, problems: list[str], *,
     lines.append(f"| {v} | {', '.join(map(str, p['seeds']))} | {_mean_std(p['final'])} | "
                  f"{_mean_std(p['last3'])} | {_pct(p['best']['mean'])} | "
                  + " | ".join(cells) + " |")
-  lines += ["", "## Paired differences", "",
-            "Runs of the same seed see the same data order, so variants are compared seed by "
-            "seed, over the seeds both have (n). In percentage points: mean difference, its "
-            "standard error (sample std of the n differences / sqrt(n); n/a for n = 1) and "
-            "the range of the differences.",
-            "",
-            "| difference | seeds (n) | final: mean | SE | range | last-3: mean | SE | range |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+  return lines
+
+
+def _paired_lines(analysis: dict) -> list[str]:
+  """Paired differences between variants, seed by seed, in percentage points."""
+  lines = ["", "## Paired differences", "",
+           "Runs of the same seed see the same data order, so variants are compared seed by "
+           "seed, over the seeds both have (n). In percentage points: mean difference, its "
+           "standard error (sample std of the n differences / sqrt(n); n/a for n = 1) and "
+           "the range of the differences.",
+           "",
+           "| difference | seeds (n) | final: mean | SE | range | last-3: mean | SE | range |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
   for pair in analysis["pairs"]:
     label = f"{pair['a']} - {pair['b']}"
     if not pair["seeds"]:
-      missing = [v for v in (pair["a"], pair["b"]) if v not in variants]
+      missing = [v for v in (pair["a"], pair["b"]) if v not in analysis["variants"]]
       why = (f"{' and '.join(missing)} not recorded yet" if missing else "no seed in common")
       lines.append(f"| {label} | {why} | | | | | | |")
       continue
@@ -606,18 +614,23 @@ def render_markdown(runs: list[Run], analysis: dict, problems: list[str], *,
                 f"{_pp(s['min'])} to {_pp(s['max'])}"]
     lines.append(f"| {label} | {', '.join(map(str, pair['seeds']))} ({len(pair['seeds'])}) | "
                  + " | ".join(cells) + " |")
-  lines += ["", "## Per run", "",
-            f"img/s: summary.json's steps x batch / training seconds. Other CPU: share of the "
-            f"machine's CPU time used by other processes during the run; above "
-            f"{100 * SHARED_CPU:g}% the run's times are marked \"machine shared\" (its "
-            f"accuracy is unaffected, its times are inflated).",
-            "",
-            "| run | seed | final | last-3 | best (step) | "
-            + " | ".join(f"to {100 * t:g}%" for t in THRESHOLDS)
-            + " | img/s | other CPU |",
-            "|---|---:|---:|---:|---:|" + "---|" * len(THRESHOLDS) + "---:|---:|"]
+  return lines
+
+
+def _per_run_lines(runs: list[Run], variants: list[str]) -> list[str]:
+  """One row per run: accuracies, time to each threshold, img/s, other processes' CPU."""
+  lines = ["", "## Per run", "",
+           f"img/s: summary.json's steps x batch / training seconds. Other CPU: share of the "
+           f"machine's CPU time used by other processes during the run; above "
+           f"{100 * SHARED_CPU:g}% the run's times are marked \"machine shared\" (its "
+           f"accuracy is unaffected, its times are inflated).",
+           "",
+           "| run | seed | final | last-3 | best (step) | "
+           + " | ".join(f"to {100 * t:g}%" for t in THRESHOLDS)
+           + " | img/s | other CPU |",
+           "|---|---:|---:|---:|---:|" + "---|" * len(THRESHOLDS) + "---:|---:|"]
   for v in variants:
-    for r in sorted((r for r in runs if r.variant == v), key=lambda r: r.seed):
+    for r in _by_seed(runs, v):
       share = r.summary.get("other_cpu_share")
       shared = (f"{100 * share:.0f}%" + (" machine shared" if share > SHARED_CPU else "")
                 if share is not None else "n/a")
@@ -626,18 +639,37 @@ def render_markdown(runs: list[Run], analysis: dict, problems: list[str], *,
                    f"{_pct(accuracy)} ({step}) | "
                    + " | ".join(_reach_cell(r, t) for t in THRESHOLDS)
                    + f" | {r.summary.get('images_per_second', 'n/a')} | {shared} |")
+  return lines
+
+
+def _reproduce_lines(runs: list[Run], variants: list[str], command: str) -> list[str]:
+  """The report's own command and each run's."""
+  lines = ["## Reproduce", "", "This file and curves.png, from the records alone:", "",
+           "```bash", command, "```", "",
+           "Each run (summary.json's command; `python benchmarks/study.py train` runs the "
+           "missing ones and records them):", "", "```bash"]
+  lines += [str(r.summary.get("command", f"# {r.name}: no command recorded"))
+            for v in variants for r in _by_seed(runs, v)]
+  return lines + ["```", ""]
+
+
+def render_markdown(runs: list[Run], analysis: dict, problems: list[str], *,
+                    command: str) -> str:
+  """results.md: header, per variant, paired differences, per run, curves, problems with
+  the records (if any) and how to reproduce it all; ``command`` regenerates the report."""
+  lines = ["# Study: cifar_resnet20 with none / se / ms_sar on CIFAR-10", ""]
+  if not runs:
+    return "\n".join(lines + ["No recorded runs yet.", "", f"Regenerate: `{command}`", ""])
+  variants = analysis["variants"]
+  lines += _header_lines(runs)
+  lines += _per_variant_lines(runs, analysis)
+  lines += _paired_lines(analysis)
+  lines += _per_run_lines(runs, variants)
   lines += ["", "![Test accuracy and train loss per epoch](curves.png)", "",
             "Curves: mean over seeds, band from the lowest to the highest seed.", ""]
   if problems:
     lines += ["## Problems with the records", ""] + [f"- {p}" for p in problems] + [""]
-  lines += ["## Reproduce", "", "This file and curves.png, from the records alone:", "",
-            "```bash", command, "```", "",
-            "Each run (summary.json's command; `python benchmarks/study.py train` runs the "
-            "missing ones and records them):", "", "```bash"]
-  lines += [str(r.summary.get("command", f"# {r.name}: no command recorded"))
-            for v in variants for r in sorted((r for r in runs if r.variant == v),
-                                              key=lambda r: r.seed)]
-  lines += ["```", ""]
+  lines += _reproduce_lines(runs, variants, command)
   return "\n".join(lines)
 
 

@@ -359,28 +359,43 @@ def test_one_device_matches_eight_devices(tmp_path, eight_device_run):
                    eight_device_run[0])
 
 
-def test_two_processes_match_one_process(tmp_path):
-  """Two processes x 1 device joined by jax.distributed (gloo CPU collectives) == one process
-  x 8 devices, same global batches. Real CIFAR-10 slices: TFDS's mock data ignores the
-  per-process eval splits, so only real files show that each test image counts once."""
-  real = dict(EQUIV_CONFIG, data_dir=tiny.real_cifar10_dir(), train_split="train[:256]",
-              eval_split="test[:100]", shuffle_buffer=256)
-  single = str(tmp_path / "single")
-  expected = loop.train_and_evaluate(tiny.tiny_cifar_config(**real), single)
+def _two_processes(workdir, overrides):
+  """Runs tiny_run.py as two jax.distributed processes; (stdout of each, result of each)."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  coordinator = f"localhost:{port}"
-  multi = tmp_path / "multi"
-  procs = [_launch(multi, devices=1, overrides=real, process=(i, 2, coordinator))
+  procs = [_launch(workdir, devices=1, overrides=overrides, process=(i, 2, f"localhost:{port}"))
            for i in range(2)]
-  outs = [_finish(p) for p in procs]
-  assert "2 cpu devices in 2 processes" in outs[0][0]
-  assert "done: step 6/6" in outs[0][0] and "done:" not in outs[1][0]  # process 0 reports
-  result = json.load(open(multi / "result.json"))
-  assert result["eval/num_examples"] == 100
+  outs = [_finish(p)[0] for p in procs]
+  results = [json.load(open(workdir / name)) for name in ("result.json", "result_1.json")]
+  return outs, results
+
+
+def test_two_processes_match_one_process_and_resume_together(tmp_path):
+  """Two processes x 1 device joined by jax.distributed (gloo CPU collectives) == one process
+  x 8 devices, same global batches. Real CIFAR-10 slices: TFDS's mock data ignores the
+  per-process eval splits, so only real files show that each test image counts once.
+  Then the newest checkpoint of the shared workdir is damaged: both processes read it, share
+  what they saw, move it aside once and resume from the same earlier step."""
+  real = dict(EQUIV_CONFIG, data_dir=tiny.real_cifar10_dir(), train_split="train[:256]",
+              eval_split="test[:100]", shuffle_buffer=256, checkpoint_every_steps=3)
+  single = str(tmp_path / "single")
+  expected = loop.train_and_evaluate(tiny.tiny_cifar_config(**real), single)
+  multi = tmp_path / "multi"
+  outs, results = _two_processes(multi, real)
+  assert "2 cpu devices in 2 processes" in outs[0]
+  assert "done: step 6/6" in outs[0] and "done:" not in outs[1]  # process 0 reports
+  assert results[0]["eval/num_examples"] == 100
   _assert_same_run(metrics_lib.read_metrics(str(multi)), metrics_lib.read_metrics(single),
-                   result, expected, num_examples=100)
+                   results[0], expected, num_examples=100)
+
+  os.remove(multi / "checkpoints" / "6" / "state" / "manifest.ocdbt")
+  outs, again = _two_processes(multi, real)
+  assert [r["resumed_from"] for r in again] == [3, 3] and "resuming at step 3" in outs[0]
+  assert again[0]["step"] == again[1]["step"] == 6
+  assert [m.split("-")[0] for m in os.listdir(multi / "corrupt_checkpoints")] == ["6"]
+  _assert_same_run(metrics_lib.read_metrics(str(multi)), metrics_lib.read_metrics(single),
+                   again[0], expected, num_examples=100)
 
 
 def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(tmp_path):
@@ -400,33 +415,6 @@ def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(tmp_path):
   assert stopped["preempted"] and 2 <= stopped["step"] < 40
   assert f"stopped by SIGTERM after step {stopped['step']}/40" in outs[0][0]
   assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(stopped["step"])]
-
-
-def test_two_processes_resume_from_the_same_step_after_a_damaged_checkpoint(tmp_path):
-  """Both hosts read the newest checkpoint, share what they saw, and take the same decision:
-  the damaged step is moved aside once and both resume from the step before it."""
-  config = dict(num_train_steps=6, log_every_steps=1, eval_every_steps=0,
-                checkpoint_every_steps=2, keep_checkpoints=3)
-
-  def run_both():
-    with socket.socket() as s:
-      s.bind(("localhost", 0))
-      port = s.getsockname()[1]
-    procs = [_launch(tmp_path, devices=1, overrides=config, process=(i, 2, f"localhost:{port}"))
-             for i in range(2)]
-    outs = [_finish(p) for p in procs]
-    results = [json.load(open(tmp_path / name)) for name in ("result.json", "result_1.json")]
-    return outs, results
-
-  _, first = run_both()
-  assert [r["resumed_from"] for r in first] == [0, 0]
-  os.remove(tmp_path / "checkpoints" / "6" / "state" / "manifest.ocdbt")
-  outs, again = run_both()
-  assert [r["resumed_from"] for r in again] == [4, 4]
-  assert "resuming at step 4" in outs[0][0]
-  assert again[0]["step"] == again[1]["step"] == 6
-  moved = os.listdir(tmp_path / "corrupt_checkpoints")
-  assert [m.split("-")[0] for m in moved] == ["6"]
 
 
 def test_a_storage_error_is_reported_with_its_cause_and_moves_nothing(tmp_path, monkeypatch):

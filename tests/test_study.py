@@ -87,7 +87,8 @@ def fake_runs(tmp_path):
   return runs
 
 
-def test_report_numbers_match_hand_computation(fake_runs, tmp_path):
+def _report(fake_runs, tmp_path):
+  """`study.py report` on the fake runs: (output directory, the runs loaded, their analysis)."""
   out = tmp_path / "out"
   assert study.main(["report", "--runs", str(fake_runs), "--out", str(out)]) == 0
   runs, problems = study.load_runs(str(fake_runs))
@@ -95,6 +96,11 @@ def test_report_numbers_match_hand_computation(fake_runs, tmp_path):
   assert sorted(r.name for r in runs) == sorted(f"{v}_seed{s}" for v, s in EVALS)
   a = study.analyse(runs)
   assert a["variants"] == ["none", "se", "ms_sar"]
+  return out, runs, a
+
+
+def test_report_per_variant_and_paired_numbers_match_hand_computation(fake_runs, tmp_path):
+  _, _, a = _report(fake_runs, tmp_path)
 
   # Per variant: final accuracy mean and sample std, last-3 mean.
   pv = a["per_variant"]
@@ -124,6 +130,11 @@ def test_report_numbers_match_hand_computation(fake_runs, tmp_path):
   assert p["seeds"] == [0] and p["final"]["mean"] == pytest.approx(0.89 - 0.86)
   assert p["final"]["se"] is None
 
+
+def test_report_time_to_accuracy_matches_hand_computation(fake_runs, tmp_path):
+  _, _, a = _report(fake_runs, tmp_path)
+  pv = a["per_variant"]
+
   # Time to accuracy: the first evaluation >= threshold and perf.jsonl's seconds there.
   pr = a["per_run"]
   assert pr["ms_sar_seed0"]["reach"][0.85] == (8, pytest.approx(_seconds(0, 8)))
@@ -135,6 +146,10 @@ def test_report_numbers_match_hand_computation(fake_runs, tmp_path):
   assert reach["steps"] == pytest.approx(32 / 3)
   assert reach["seconds"] == pytest.approx((_seconds(0, 8) + _seconds(1, 12)
                                             + _seconds(2, 12)) / 3)
+
+
+def test_report_markdown_shows_the_hand_computed_numbers(fake_runs, tmp_path):
+  out, _, _ = _report(fake_runs, tmp_path)
 
   # The markdown shows the same numbers.
   text = (out / "results.md").read_text()

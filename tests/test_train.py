@@ -70,6 +70,7 @@ def test_imagenet_sample_trains_and_evaluates_each_validation_image_once(tmp_pat
   validation images evaluated exactly once, top-1 and top-5."""
   config = imagenet.get_config("resnet50,none,local")  # the data path is the point here
   config.data_dir = tiny.real_data_dir("imagenet2012")
+  config.image_size = 64                                # crops of the real JPEGs, resized
   config.batch_size, config.eval_batch_size = 16, 64   # 500 = 7 x 64 + 52 masked pads
   config.num_train_steps, config.checkpoint_every_steps = 2, 0
   result = loop.train_and_evaluate(config, str(tmp_path))
@@ -104,7 +105,7 @@ def test_a_short_bf16_run_on_cpu_learns(tmp_path):
   config = cifar.get_config("cifar10,cifar_resnet20,ms_sar,local,bf16")
   assert config.half_precision
   config.data_dir = tiny.real_cifar10_dir()
-  config.model_kwargs.depth = 8
+  config.model_kwargs.depth, config.model_kwargs.width = 8, 8
   config.train_split, config.eval_split = "train[:2048]", "test[:512]"
   config.batch_size, config.eval_batch_size = 64, 256
   config.num_train_steps, config.log_every_steps = 60, 10

@@ -18,6 +18,7 @@ On a CPU-only install ``mssar-train`` and ``train.py`` first set the process up 
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app
@@ -39,17 +40,26 @@ _MULTIHOST = flags.DEFINE_bool(
     "where JAX can detect a cluster).")
 
 
+_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
 def initialize_distributed(required: bool) -> str:
-  """Calls jax.distributed.initialize() where JAX detects a cluster; returns what happened."""
+  """Calls jax.distributed.initialize() where JAX detects a cluster or the $JAX_COORDINATOR_*
+  variables describe one; returns what happened. A half-described cluster is an error."""
   if jax.distributed.is_initialized():
     return "already initialised"
+  kwargs = {}
+  if os.environ.get("JAX_NUM_PROCESSES"):  # jax reads only the address from the environment
+    kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+  if os.environ.get("JAX_PROCESS_ID"):
+    kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
   try:
-    jax.distributed.initialize()
-  except ValueError as e:  # no cluster detected: no coordinator address
-    if required:
-      raise app.UsageError(f"--multihost: jax.distributed.initialize() failed ({e}); set "
-                           "$JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES and "
-                           "$JAX_PROCESS_ID, or run on a TPU slice / under SLURM.") from e
+    jax.distributed.initialize(**kwargs)
+  except ValueError as e:  # no cluster detected, or only part of one described
+    if required or any(os.environ.get(name) for name in _ENV):
+      raise app.UsageError(f"jax.distributed.initialize() failed ({e}); set "
+                           f"{', '.join('$' + n for n in _ENV)} on every process, or run on a "
+                           "TPU slice or under SLURM.") from e
     return "single process (no cluster detected)"
   return f"process {jax.process_index()} of {jax.process_count()}"
 

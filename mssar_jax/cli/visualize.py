@@ -27,7 +27,6 @@ overrides the run's). Also ``python -m mssar_jax.cli.visualize``.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from typing import Any, Sequence
@@ -69,7 +68,8 @@ def load_image_file(path: str, size: int, dataset: str) -> np.ndarray:
   resized to size x size.
   """
   try:
-    image = Image.open(path).convert("RGB")
+    with epath.Path(path).open("rb") as f:
+      image = Image.open(f).convert("RGB")
   except (OSError, ValueError) as e:
     raise ConfigError(f"cannot read image {path!r} ({e}); pass a PNG or JPEG file.") from e
   w, h = image.size
@@ -271,7 +271,7 @@ def render(workdir: str, *, step: int | None = None, images: Sequence[str] = (),
   names: list[str] = []
   if images:
     pixels = np.stack([load_image_file(p, run.image_size, config.dataset) for p in images])
-    titles = [os.path.basename(p) for p in images]
+    titles = [epath.Path(p).name for p in images]
     labels = [None] * len(images)
     try:
       _, _, names = eval_images(config, 1, 0, data_dir)
