@@ -28,7 +28,9 @@ FAMILIES = {
     "cifar_preact_resnet164": (32, {"depth": 11, "width": 4}),
     "cifar_densenet40": (32, {"depth": 7}),
     "cifar_densenet_bc100": (32, {"depth": 10}),
-    "resnet50": (64, {"stage_sizes": (1, 1, 1, 1), "width": 4}),
+    # Width 8: at width 4 with this batch, the ms_sar net is chaotic (a 1e-6 relative change of
+    # the images moves its gradients by 15%), so rounding alone could fail the comparison.
+    "resnet50": (64, {"stage_sizes": (1, 1, 1, 1), "width": 8}),
     "densenet121": (64, {"block_sizes": (1, 1, 1, 1), "growth_rate": 8, "init_features": 16}),
 }
 
@@ -46,13 +48,15 @@ def _fast_compiles():
   jax.config.update("jax_disable_most_optimizations", False)
 
 
-def _close(actual, expected, rtol=1e-4, floor=1e-6):
-  """Equal up to float32 rounding relative to the leaf's largest value (or, for a leaf that is
-  zero but for rounding, such as a bias gradient under BatchNorm, up to ``floor``)."""
+def _close(actual, expected, scale, rtol=1e-4, floor=2e-5):
+  """Equal up to float32 rounding relative to the leaf's largest value, plus ``floor`` times
+  ``scale``, the largest value of all leaves of that output: a leaf that is zero but for
+  rounding (the gradient of a BatchNorm scale whose effect a later BatchNorm cancels, as for
+  DenseNet's stem) carries rounding noise of the gradients around it, not of itself."""
   actual, expected = np.asarray(actual), np.asarray(expected)
   assert actual.shape == expected.shape
   np.testing.assert_allclose(actual, expected, rtol=0,
-                             atol=rtol * float(np.abs(expected).max()) + floor)
+                             atol=rtol * float(np.abs(expected).max()) + floor * scale)
 
 
 def _outputs(model, variables, images, labels):
@@ -86,8 +90,10 @@ def test_cpu_implementation_equals_the_plain_one(name, recalibration, cpu_impl):
     np.testing.assert_array_equal(a, b)
   want, got = _outputs(plain, variables, images, labels), _outputs(fast, variables, images,
                                                                     labels)
-  for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-    _close(g, w)
+  for w, g in zip(want, got):  # logits, BatchNorm statistics, gradients, eval outputs
+    scale = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(w))
+    for wl, gl in zip(jax.tree.leaves(w), jax.tree.leaves(g), strict=True):
+      _close(gl, wl, scale)
 
 
 def _train_step_hlo(impl):
