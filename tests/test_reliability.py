@@ -5,6 +5,7 @@ Runs that need a real signal, a kill -9, another device count or a second proces
 ``tests/tiny_run.py`` in subprocesses; the others run in-process on 8 simulated devices.
 """
 
+import concurrent.futures
 import functools
 import glob
 import hashlib
@@ -61,6 +62,13 @@ def _finish(proc, timeout=300):
   out, err = proc.communicate(timeout=timeout)
   assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err[-3000:]}"
   return out, err
+
+
+def _finish_all(procs):
+  """_finish for processes that wait on each other: their pipes are drained together (one
+  process blocked on a full stderr pipe would hold the other at a barrier)."""
+  with concurrent.futures.ThreadPoolExecutor(len(procs)) as pool:
+    return list(pool.map(_finish, procs))
 
 
 def _last_logged_step(workdir) -> int:
@@ -366,7 +374,7 @@ def _two_processes(workdir, overrides):
     port = s.getsockname()[1]
   procs = [_launch(workdir, devices=1, overrides=overrides, process=(i, 2, f"localhost:{port}"))
            for i in range(2)]
-  outs = [_finish(p)[0] for p in procs]
+  outs = [out for out, _ in _finish_all(procs)]
   results = [json.load(open(workdir / name)) for name in ("result.json", "result_1.json")]
   return outs, results
 
@@ -410,7 +418,7 @@ def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(tmp_path):
                    process=(i, 2, f"localhost:{port}")) for i in range(2)]
   _wait_for_step(procs[0], tmp_path, 2)
   procs[1].send_signal(signal.SIGTERM)
-  outs = [_finish(p) for p in procs]
+  outs = _finish_all(procs)
   stopped = json.load(open(tmp_path / "result.json"))
   assert stopped["preempted"] and 2 <= stopped["step"] < 40
   assert f"stopped by SIGTERM after step {stopped['step']}/40" in outs[0][0]
