@@ -12,6 +12,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # executable instead of compiling it again. Same executable, same results.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"mssar_jax_test_cache_{os.getuid()}"))
+# Every program, however quick to build: a subprocess run's ~200 small eager-init programs
+# would otherwise be compiled again in each process (JAX caches only those taking >= 1 s).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# The tests' networks are tiny and run a few steps: XLA's compile time dominates, so skip most
+# of its optimisations (the same semantics; about half the suite's time). Subprocesses inherit
+# it; a test that trains for long (tests/test_real_cifar10.py) sets it back to false.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 
 # ---- Trainer fixtures (tests/test_train*.py, test_data_lib.py, test_configs.py). ----
 import pathlib  # noqa: E402
@@ -40,3 +47,11 @@ def tiny_cifar_config():
   """``tests/tiny.py``'s config factory: tiny_cifar_config(**overrides) -> ConfigDict."""
   from tests import tiny  # pylint: disable=import-outside-toplevel
   return tiny.tiny_cifar_config
+
+
+def pytest_collection_modifyitems(config, items):
+  """The slow tests first (a stable sort, the same in every xdist worker): the two workers
+  start on the long runs and finish on the short tests, instead of one worker ending alone
+  on a long run."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -10,11 +10,14 @@ import subprocess
 import sys
 import types
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "accelerator.py"
 HEADER = "| arm | train img/s | eval img/s | step ms | vs none | MFU | compile s |"
 
 
+@pytest.mark.slow
 def test_tiny_run_on_cpu(tmp_path):
   out = tmp_path / "accelerator.json"
   # One device and LLVM at -O0: compiling the three tiny networks is most of this test. (The

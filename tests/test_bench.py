@@ -10,6 +10,8 @@ import json
 import os
 import pathlib
 
+import pytest
+
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _DATA_DIR = pathlib.Path(os.environ.get("MSSAR_TFDS_DATA_DIR")
                          or _ROOT.parent / "shared" / "data" / "tfds")
@@ -36,6 +38,7 @@ def _check_pipeline(p, dataset, batch_size, image_size):
   assert abs(p["images_per_second_per_core"] * p["cpu_cores"] - p["images_per_second"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_quick_bench_on_a_tiny_network(tmp_path, capsys):
   out = tmp_path / "bench.json"
   argv = ["--quick", "--config.depth=8", "--config.width=4", "--batch_size", "8",

@@ -54,7 +54,8 @@ def test_excite_equals_sigmoid(c):
   want = jax.nn.sigmoid(jnp.dot(jax.nn.relu(h), kernel) + bias)
   got = jax.jit(gate_kernels.excite)(h, kernel, bias)
   assert bool(jnp.all(jnp.isfinite(got)))
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=3e-7)
+  # rtol 4e-6: pre-activations of ~100 summed in another order differ by a few ulps.
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=4e-6, atol=3e-7)
   assert float(jnp.min(got)) >= 0.0 and float(jnp.max(got)) <= 1.0
 
 

@@ -109,7 +109,7 @@ FAMILIES = {
     "cifar_resnet20": {"depth": 8}, "cifar_preact_resnet164": {"depth": 11},
     "cifar_densenet40": {"depth": 7}, "cifar_densenet_bc100": {"depth": 10},
     "resnet50": {"stage_sizes": (1, 1, 1, 1), "width": 8},
-    "densenet121": {"block_sizes": (2, 2, 2, 2), "growth_rate": 8},
+    "densenet121": {"block_sizes": (1, 1, 1, 1), "growth_rate": 8},
 }
 
 

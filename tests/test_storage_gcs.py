@@ -59,6 +59,7 @@ def _checkpoints(fs, prefix="run/checkpoints"):
                 if p.rsplit("/", 1)[1].isdigit())
 
 
+@pytest.mark.slow
 def test_gs_workdir_preemption_resume_and_damaged_checkpoint(gcs, tmp_path):
   url, fs = gcs
   env = gcs_emulator.storage_environment(url)

@@ -70,7 +70,7 @@ def test_imagenet_sample_trains_and_evaluates_each_validation_image_once(tmp_pat
   validation images evaluated exactly once, top-1 and top-5."""
   config = imagenet.get_config("resnet50,none,local")  # the data path is the point here
   config.data_dir = tiny.real_data_dir("imagenet2012")
-  config.image_size = 64                                # crops of the real JPEGs, resized
+  config.image_size = 32                                # crops of the real JPEGs, resized
   config.batch_size, config.eval_batch_size = 16, 64   # 500 = 7 x 64 + 52 masked pads
   config.num_train_steps, config.checkpoint_every_steps = 2, 0
   result = loop.train_and_evaluate(config, str(tmp_path))

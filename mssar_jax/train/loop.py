@@ -96,8 +96,8 @@ def set_compilation_cache(config) -> str:
     directory = (os.environ.get("JAX_COMPILATION_CACHE_DIR")
                  or os.path.join(os.path.expanduser("~"), ".cache", "mssar_jax", "jax"))
   if directory:
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_compilation_cache_dir", directory)  # (what takes >= 1 s to build:
+    # jax_persistent_cache_min_compile_time_secs, or $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS)
   return directory
 
 
