@@ -128,7 +128,7 @@ def test_kernels_only_where_they_apply():
   assert not gate_kernels.fits(jnp.zeros((2, 8, 8, 12)), (2, 2))  # not 16k channels
   assert not gate_kernels.fits(x16.astype(jnp.bfloat16), (2, 2))
   assert not gate_kernels.fits(jnp.zeros((2, 7, 8, 16)), (2, 2))  # odd map
-  # The session simulates 8 devices: the CPU implementation leaves the native kernels out.
+  # The tests simulate 8 devices: the CPU implementation leaves the native kernels out.
   assert jax.device_count() > 1
   assert "gate kernels" not in backends.choose("cpu").impl.name
   assert "gate kernels" in backends.choose("cpu", device_count=1).impl.name

@@ -150,7 +150,7 @@ def test_oneDNN_kernels_need_jax_0_11():
 
 
 def test_cpu_implementation_keeps_xla_convolutions_with_several_devices():
-  # The test session simulates 8 CPU devices (conftest): the custom call has no sharding
+  # The tests simulate 8 CPU devices (conftest): the custom call has no sharding
   # rule, so the CPU implementation keeps XLA's convolutions there.
   assert jax.device_count() > 1
   assert backends.choose("cpu").impl.conv is nn.Conv
