@@ -16,7 +16,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 # would otherwise be compiled again in each process (JAX caches only those taking >= 1 s).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # The tests' networks are tiny and run a few steps: XLA's compile time dominates, so skip most
-# of its optimisations (the same semantics; about half the suite's time). Subprocesses inherit
+# of its optimisations (the same semantics; half the time of most unit-test files, measured
+# file by file). Subprocesses inherit
 # it; a test that trains for long (tests/test_real_cifar10.py) sets it back to false.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 
