@@ -58,6 +58,28 @@ def test_ms_sar_without_scales_is_se():
 
 
 @pytest.mark.parametrize("weighting", ["asymmetric", "symmetric", "positional"])
+def test_zero_context_init_starts_as_se_and_learns_context(weighting):
+  x = _x((3, 16, 16, 32))
+  ms = MultiScaleSAR(scales=(2, 4, 8), weighting=weighting, context_init="zeros")
+  variables = ms.init(jax.random.key(1), x)
+  params = variables["params"]
+  assert sorted(params) == ["context_2", "context_4", "context_8", "expand", "reduce"]
+  assert _count(params) == (se_parameters(32) +
+                            extra_parameters(32, (2, 4, 8), 3, weighting, [64, 16, 4]))
+  se_params = {"params": {k: params[k] for k in ("reduce", "expand")}}
+  np.testing.assert_allclose(ms.apply(variables, x), SqueezeExcite().apply(se_params, x),
+                             rtol=1e-6, atol=1e-6)
+  # Zero weights still get a gradient: the context is learned from SE's starting point.
+  grads = jax.grad(lambda p: jnp.sum(ms.apply({"params": p}, x) * x))(params)
+  for s in (2, 4, 8):
+    assert float(jnp.max(jnp.abs(grads[f"context_{s}"]["kernel"]))) > 1e-4
+  # The default starts with random context: not SE.
+  random_init = MultiScaleSAR(scales=(2, 4, 8), weighting=weighting)
+  assert not np.allclose(random_init.apply(random_init.init(jax.random.key(1), x), x),
+                         SqueezeExcite().apply(se_params, x), atol=1e-3)
+
+
+@pytest.mark.parametrize("weighting", ["asymmetric", "symmetric", "positional"])
 @pytest.mark.parametrize("shape,scales", [
     ((2, 16, 16, 32), (2, 4, 8)),   # divisible: b = 2
     ((2, 7, 7, 32), (2, 4)),        # ImageNet's last stage: edge cells are partial
@@ -158,6 +180,7 @@ def test_bf16_compute_keeps_float32_params():
     (dict(kernel_size=2), "kernel_size must be a positive odd integer"),
     (dict(weighting="diagonal"), "unknown weighting 'diagonal'"),
     (dict(evaluation="fast"), "unknown evaluation 'fast'"),
+    (dict(context_init="ones"), "unknown context_init 'ones'.*lecun_normal, zeros"),
     (dict(width=3), "unknown argument width"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, match):

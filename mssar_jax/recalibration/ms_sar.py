@@ -51,6 +51,10 @@ from mssar_jax.recalibration import common
 
 WEIGHTINGS = ("asymmetric", "symmetric", "positional")
 EVALUATIONS = ("pooled", "direct")
+# How K_s starts: LeCun-normal weights (default), or zeros, so that the module starts as SE
+# exactly and the local context grows from SE's score as training finds it useful.
+CONTEXT_INITS = {"lecun_normal": nn.initializers.lecun_normal(),
+                 "zeros": nn.initializers.zeros_init()}
 
 
 class MultiScaleSAR(nn.Module):
@@ -62,6 +66,7 @@ class MultiScaleSAR(nn.Module):
     scales: cell sizes s of the coordinate sets; () gives SE exactly.
     kernel_size: k, the coordinate set is the k x k block of cells around the neuron's cell.
     weighting: 'asymmetric' (default), 'symmetric' or 'positional' (ablations).
+    context_init: 'lecun_normal' (default) or 'zeros' (K_s starts at zero: SE at step 0).
     evaluation: 'pooled' (exact and cheap, default) or 'direct' (literal, full resolution).
     dtype: compute dtype (parameters stay ``param_dtype``, float32 by default).
     conv: the convolution module of K_s (a backend may inject a faster one).
@@ -71,6 +76,7 @@ class MultiScaleSAR(nn.Module):
   scales: Sequence[int] = (2, 4, 8)
   kernel_size: int = 3
   weighting: str = "asymmetric"
+  context_init: str = "lecun_normal"
   evaluation: str = "pooled"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -86,6 +92,9 @@ class MultiScaleSAR(nn.Module):
     if self.weighting not in WEIGHTINGS:
       raise ConfigError(f"ms_sar: unknown weighting {self.weighting!r}; "
                         f"choose one of {', '.join(WEIGHTINGS)}.")
+    if self.context_init not in CONTEXT_INITS:
+      raise ConfigError(f"ms_sar: unknown context_init {self.context_init!r}; "
+                        f"choose one of {', '.join(CONTEXT_INITS)}.")
     if self.evaluation not in EVALUATIONS:
       raise ConfigError(f"ms_sar: unknown evaluation {self.evaluation!r}; "
                         f"choose one of {', '.join(EVALUATIONS)}.")
@@ -139,16 +148,17 @@ class MultiScaleSAR(nn.Module):
   def _scale_context(self, grid, s: int):
     """K_s applied to the pooled grid (N, gh, gw, C/r) of scale s (sown as 'scale_<s>')."""
     name, k, width = f"context_{s}", self.kernel_size, grid.shape[-1]
+    init = CONTEXT_INITS[self.context_init]
     if self.weighting == "asymmetric":  # SAME padding, written out
       pad = ((k // 2, k // 2),) * 2
       ctx = self.conv(width, (k, k), padding=pad, use_bias=False, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name=name)(grid)
+                      param_dtype=self.param_dtype, kernel_init=init, name=name)(grid)
     elif self.weighting == "symmetric":
       uniform = nn.avg_pool(grid, (k, k), strides=(1, 1), padding="SAME")
       ctx = nn.Dense(width, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name=name)(uniform)
+                     kernel_init=init, name=name)(uniform)
     else:  # 'positional': every grid cell has its own 1x1 weights.
-      ctx = _Positional(s, self.dtype, self.param_dtype, name=name)(grid)
+      ctx = _Positional(s, self.dtype, self.param_dtype, init, name=name)(grid)
     self.sow("intermediates", f"scale_{s}", ctx)
     return ctx
 
@@ -168,6 +178,7 @@ class _Positional(nn.Module):
   scale: int
   dtype: Any
   param_dtype: Any
+  kernel_init: Any
 
   @nn.compact
   def __call__(self, grid):
@@ -179,6 +190,5 @@ class _Positional(nn.Module):
             f"ms_sar weighting='positional' at {'/'.join(self.scope.path)} was initialised for "
             f"a {stored[0]}x{stored[1]} grid at scale {self.scale} but got {gh}x{gw}; feed the "
             "input size used at initialisation or use weighting='asymmetric'.")
-    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1),
-                        (gh, gw, width, width), self.param_dtype)
+    kernel = self.param("kernel", self.kernel_init, (gh, gw, width, width), self.param_dtype)
     return jnp.einsum("nhwc,hwcd->nhwd", grid, kernel.astype(self.dtype))
