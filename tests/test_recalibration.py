@@ -1,11 +1,14 @@
 """The recalibration family: identities between code paths, symmetry, parameter formulas, errors."""
 
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mssar_jax import ops
+from mssar_jax import models, ops
 from mssar_jax.errors import ConfigError
 from mssar_jax.recalibration import (MultiScaleSAR, SqueezeExcite, get_recalibration,
                                      list_recalibrations, make_recalibration)
@@ -203,3 +206,17 @@ def test_positional_weighting_needs_its_input_size():
   variables = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 32)))
   with pytest.raises(ConfigError, match="initialised for a 8x8 grid at scale 2 but got 4x4"):
     module.apply(variables, jnp.zeros((1, 8, 8, 32)))
+
+
+def test_init_scores_tool_sees_se_at_zero_context_init():
+  spec = importlib.util.spec_from_file_location(
+      "init_scores", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "init_scores.py"))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  images = np.asarray(_x((4, 32, 32, 3)))
+  spread = {init: tool.score_spread(
+      models.get_model("cifar_resnet20", depth=8, num_classes=10, recalibration="ms_sar",
+                       context_init=init), images, 0) for init in ("lecun_normal", "zeros")}
+  assert spread["zeros"][0] == spread["lecun_normal"][0] == 3  # one module per block
+  assert spread["zeros"][1] < 1e-6 < 1e-3 < spread["lecun_normal"][1]
+  assert spread["zeros"][2] > 1e-3
