@@ -372,10 +372,14 @@ def variant_order(runs: list[Run]) -> list[str]:
 
 
 def _stats(values: list[float]) -> dict:
+  """Mean, sample std, standard error, Student-t 95% interval half-width (n - 1 degrees of
+  freedom) and range of ``values``."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel (a jax dependency)
   n = len(values)
   std = statistics.stdev(values) if n > 1 else None
-  return {"n": n, "mean": statistics.fmean(values) if n else None, "std": std,
-          "se": std / math.sqrt(n) if std is not None else None,
+  se = std / math.sqrt(n) if std is not None else None
+  return {"n": n, "mean": statistics.fmean(values) if n else None, "std": std, "se": se,
+          "ci95": float(stats.t.ppf(0.975, n - 1)) * se if se is not None else None,
           "min": min(values) if n else None, "max": max(values) if n else None}
 
 
@@ -595,22 +599,26 @@ def _paired_lines(analysis: dict) -> list[str]:
   lines = ["", "## Paired differences", "",
            "Runs of the same seed see the same data order, so variants are compared seed by "
            "seed, over the seeds both have (n). In percentage points: mean difference, its "
-           "standard error (sample std of the n differences / sqrt(n); n/a for n = 1) and "
-           "the range of the differences.",
+           "standard error (sample std of the n differences / sqrt(n); n/a for n = 1), "
+           "the 95% confidence interval of the mean (Student t, n - 1 degrees of freedom) "
+           "and the range of the differences.",
            "",
-           "| difference | seeds (n) | final: mean | SE | range | last-3: mean | SE | range |",
-           "|---|---|---:|---:|---:|---:|---:|---:|"]
+           "| difference | seeds (n) | final: mean | SE | 95% CI | range | last-3: mean | SE "
+           "| 95% CI | range |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for pair in analysis["pairs"]:
     label = f"{pair['a']} - {pair['b']}"
     if not pair["seeds"]:
       missing = [v for v in (pair["a"], pair["b"]) if v not in analysis["variants"]]
       why = (f"{' and '.join(missing)} not recorded yet" if missing else "no seed in common")
-      lines.append(f"| {label} | {why} | | | | | | |")
+      lines.append(f"| {label} | {why} | | | | | | | | |")
       continue
     cells = []
     for key in ("final", "last3"):
       s = pair[key]
-      cells += [_pp(s["mean"]), _pp(s["se"], sign=False),
+      ci = ("n/a" if s["ci95"] is None else
+            f"{_pp(s['mean'] - s['ci95'])} to {_pp(s['mean'] + s['ci95'])}")
+      cells += [_pp(s["mean"]), _pp(s["se"], sign=False), ci,
                 f"{_pp(s['min'])} to {_pp(s['max'])}"]
     lines.append(f"| {label} | {', '.join(map(str, pair['seeds']))} ({len(pair['seeds'])}) | "
                  + " | ".join(cells) + " |")

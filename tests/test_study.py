@@ -121,6 +121,7 @@ def test_report_per_variant_and_paired_numbers_match_hand_computation(fake_runs,
   sd = math.sqrt(((0.06 - 0.055) ** 2 + (0.05 - 0.055) ** 2) / (2 - 1))
   assert p["final"]["se"] == pytest.approx(sd / math.sqrt(2))  # 0.005
   assert p["final"]["se"] == pytest.approx(0.005)
+  assert p["final"]["ci95"] == pytest.approx(12.7062 * 0.005, rel=1e-4)  # t(0.975, 1 dof)
   assert (p["final"]["min"], p["final"]["max"]) == (pytest.approx(0.05), pytest.approx(0.06))
   d_last3 = [ms_last3[0] - (0.80 + 0.84 + 0.83) / 3, ms_last3[1] - (0.82 + 0.86 + 0.85) / 3]
   assert p["last3"]["mean"] == pytest.approx(sum(d_last3) / 2)
@@ -128,7 +129,7 @@ def test_report_per_variant_and_paired_numbers_match_hand_computation(fake_runs,
   # ms_sar - se: seed 0 only, n = 1, no SE.
   p = pairs[("ms_sar", "se")]
   assert p["seeds"] == [0] and p["final"]["mean"] == pytest.approx(0.89 - 0.86)
-  assert p["final"]["se"] is None
+  assert p["final"]["se"] is None and p["final"]["ci95"] is None
 
 
 def test_report_time_to_accuracy_matches_hand_computation(fake_runs, tmp_path):
@@ -153,8 +154,9 @@ def test_report_markdown_shows_the_hand_computed_numbers(fake_runs, tmp_path):
 
   # The markdown shows the same numbers.
   text = (out / "results.md").read_text()
-  assert "| ms_sar - none | 0, 1 (2) | +5.50 | 0.50 | +5.00 to +6.00 |" in text
-  assert "| ms_sar - se | 0 (1) | +3.00 | n/a | +3.00 to +3.00 |" in text
+  # 95% CI: 5.50 -+ t(0.975, 1 dof) 12.706 * 0.50 = -0.85 to +11.85.
+  assert "| ms_sar - none | 0, 1 (2) | +5.50 | 0.50 | -0.85 to +11.85 | +5.00 to +6.00 |" in text
+  assert "| ms_sar - se | 0 (1) | +3.00 | n/a | n/a | +3.00 to +3.00 |" in text
   assert "| none | 0, 1 | 84.00% ± 1.41 |" in text
   assert "not reached (best 84.00% at step 12)" in text
   assert f"step 8 (epoch 2.0), {_seconds(0, 8) / 60:.1f} min" in text
