@@ -41,13 +41,6 @@ def cpu_impl():
                             kernels=gate_kernels.LIBRARY.available())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
-
-
 def _close(actual, expected, scale, rtol=1e-4, floor=2e-5):
   """Equal up to float32 rounding relative to the leaf's largest value, plus ``floor`` times
   ``scale``, the largest value of all leaves of that output: a leaf that is zero but for

@@ -17,14 +17,6 @@ ALL_MODELS = ["cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resne
               "cifar_densenet_bc100", "resnet50", "resnet101", "densenet121"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """These tests check shapes and values, not speed: skip most XLA optimisation passes."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
-
-
 def _count(tree):
   return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 

@@ -34,16 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = tiny.MOCK_EXAMPLES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Tiny models: XLA compile time dominates, so skip most optimisations (same semantics);
-  ``tiny_run.py`` does the same, so in- and out-of-process runs execute the same program."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 # ---- helpers ---------------------------------------------------------------------------------
 
 def _launch(workdir, *, devices=8, overrides=None, step_sleep=0.0, process=None):

@@ -21,15 +21,6 @@ from tests import tiny
 N = 50  # mock examples per split; batch 16 -> 3 steps per epoch, eval batch 24 -> 2 pads
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Tiny models: XLA compile time dominates, so skip most optimisations (same semantics)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def test_cifar_run_writes_all_outputs(tmp_path, mock_tfds, tiny_cifar_config, capsys):
   assert jax.device_count() == 8
   workdir = str(tmp_path / "run")

@@ -34,8 +34,9 @@ def main():
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   sys.path.insert(0, str(ROOT))
+  # JAX_DISABLE_MOST_OPTIMIZATIONS comes from the parent's environment (conftest), so this
+  # process runs the same programs as the in-process tests.
   import jax  # pylint: disable=import-outside-toplevel
-  jax.config.update("jax_disable_most_optimizations", True)  # as the in-process tests
   if args.num_processes > 1:
     jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id)
