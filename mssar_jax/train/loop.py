@@ -90,8 +90,14 @@ def header(config) -> list[str]:
 
 
 def set_compilation_cache(config) -> str:
-  """Turns on JAX's persistent compilation cache (config.compilation_cache_dir)."""
+  """Turns on JAX's persistent compilation cache (config.compilation_cache_dir); returns the
+  directory, or why it is off."""
   directory = config.compilation_cache_dir
+  if jax.default_backend() == "cpu" and jax.process_count() > 1:
+    # jax 0.12.1: CPU processes joined by jax.distributed hang in their first collective when
+    # they load the step from a warm cache (tests/test_reliability.py's two-process run).
+    jax.config.update("jax_enable_compilation_cache", False)
+    return "off (several CPU processes)"
   if directory == "auto":
     directory = (os.environ.get("JAX_COMPILATION_CACHE_DIR")
                  or os.path.join(os.path.expanduser("~"), ".cache", "mssar_jax", "jax"))
