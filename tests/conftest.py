@@ -17,8 +17,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # The tests' networks are tiny and run a few steps: XLA's compile time dominates, so skip most
 # of its optimisations (the same semantics; half the time of most unit-test files, measured
-# file by file). Subprocesses inherit
-# it; a test that trains for long (tests/test_real_cifar10.py) sets it back to false.
+# file by file). Subprocesses inherit it; tests/test_real_cifar10.py (a long run) and
+# tests/test_implementations.py (the programs training runs) turn the optimisations back on.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 
 # ---- Trainer fixtures (tests/test_train*.py, test_data_lib.py, test_configs.py). ----
